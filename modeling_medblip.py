@@ -368,6 +368,7 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
         qformer_answer_attention_mask: torch.LongTensor | None = None,
         decoder_input_ids: torch.LongTensor | None = None,
         decoder_attention_mask: torch.LongTensor | None = None,
+        logits_to_keep: int = 0,
         **kwargs,
     ) -> MedBlipForConditionalGenerationModelOutput:
         r"""
@@ -381,6 +382,9 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
         qformer_input_ids, qformer_attention_mask: BERT-tokenised health-record text (image-text contrastive loss).
         qformer_answer_input_ids, qformer_answer_attention_mask: BERT-tokenised "question answer" text
             (image-answer contrastive loss; identical rows are positives of each other).
+        logits_to_keep (`int`, defaults to 0 = all): decoder-only LMs compute logits (and the LM loss) on the last
+            `logits_to_keep` positions only; answers sit at the end of left-padded rows, so training needs just
+            `answer length + 1` of them, which spares the vocabulary projection of the whole prompt.
         """
         if input_ids is None:
             raise ValueError("input_ids (the LM prompt) is required; build it with MedBlipProcessor")
@@ -408,9 +412,10 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
         inputs_embeds = self._embed_prompt(input_ids, None, None, image_tokens=image_tokens)
         loss_lm = None
         if self.config.use_decoder_only_language_model:
-            lm_outputs = self._decoder_only_lm(inputs_embeds, attention_mask, **kwargs)
+            lm_outputs = self._decoder_only_lm(inputs_embeds, attention_mask, logits_to_keep=logits_to_keep, **kwargs)
             logits = lm_outputs.logits
             if labels is not None:
+                labels = labels[:, -logits.shape[1] :]
                 loss_lm = self.loss_function(
                     logits=logits, labels=labels.to(logits.device), vocab_size=logits.shape[-1], **kwargs
                 )

@@ -85,6 +85,18 @@ def test_loss_terms_finite_and_falling_when_overfitting(lm):
     torch.testing.assert_close(output.loss, expected)
 
 
+def test_logits_to_keep_gives_the_same_lm_loss():
+    config = tiny_config()
+    model = build(config).eval()
+    batch = make_batch(config)
+    with torch.no_grad():
+        full = model(**batch)
+        kept = model(**batch, logits_to_keep=4)  # 3 answer tokens + the position before them
+    assert kept.logits.shape[1] == 4
+    torch.testing.assert_close(kept.loss_lm, full.loss_lm)
+    torch.testing.assert_close(kept.logits, full.logits[:, -4:])
+
+
 def test_gradients_reach_trainable_parts_and_never_frozen_ones():
     config = tiny_config()
     model = build(config).train()
