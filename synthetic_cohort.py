@@ -565,7 +565,11 @@ def _write_manifest(path: Path, rows: list[dict]) -> None:
 
 
 def _pick_examples(rows: list[dict]) -> list[dict]:
-    """One subject per class: the one whose ventricle volume is closest to its class median."""
+    """One subject per class from one site: the one whose ventricle volume is closest to its class median."""
+    full_sites = sorted(s for s in {r["dataset"] for r in rows}
+                        if {r["diagnosis"] for r in rows if r["dataset"] == s} == set(CLASSES))
+    if full_sites:
+        rows = [r for r in rows if r["dataset"] == full_sites[0]]
     picked = []
     for diagnosis in CLASSES:
         members = [r for r in rows if r["diagnosis"] == diagnosis]
