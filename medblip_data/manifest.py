@@ -1,0 +1,292 @@
+"""Cohort manifests and the subject-level corpus split.
+
+A manifest is a CSV or JSONL file with one row per scan and these columns (``MANIFEST_COLUMNS``):
+
+============  ========  ===============================================================================
+column        required  meaning
+============  ========  ===============================================================================
+subject_id    yes       participant id, unique within ``dataset`` (all scans of a person share it)
+image_path    yes       NIfTI file or DICOM folder, absolute or relative to the manifest's folder
+diagnosis     yes       raw cohort label (CN, NC, HC, MCI, EMCI, LMCI, AD, Dementia, CDR score, ...)
+dataset       yes       cohort or site name (the unit held out for zero-shot evaluation)
+visit         no        visit code (bl, m12, MR1, ...)
+age           no        years at the scan
+sex           no        "F" / "M"
+education     no        years of schooling
+mmse          no        Mini-Mental State Examination, 0-30
+cdr           no        Clinical Dementia Rating, global score
+apoe4         no        number of APOE e4 alleles, 0/1/2
+notes         no        free text appended to the health record
+============  ========  ===============================================================================
+
+Other columns (e.g. the synthetic cohort's ``ventricles_ml``) are kept. ``load_corpus`` normalises
+``diagnosis`` to CN/MCI/AD through ``DIAGNOSIS_TABLE`` (the raw label is kept in ``diagnosis_raw``) and splits
+by subject: a person's scans never land in two splits, and whole cohorts can be held out as ``zeroshot``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+CLASSES: tuple[str, ...] = ("CN", "MCI", "AD")
+REQUIRED_COLUMNS: tuple[str, ...] = ("subject_id", "image_path", "diagnosis", "dataset")
+OPTIONAL_COLUMNS: tuple[str, ...] = ("visit", "age", "sex", "education", "mmse", "cdr", "apoe4", "notes")
+MANIFEST_COLUMNS: tuple[str, ...] = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
+TEXT_COLUMNS: tuple[str, ...] = ("subject_id", "image_path", "diagnosis", "dataset", "visit", "sex", "notes")
+NUMERIC_COLUMNS: tuple[str, ...] = ("age", "education", "mmse", "cdr", "apoe4")
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
+
+# Raw label (lower-case, single spaces) -> class. Explicit on purpose: no substring matching.
+# OASIS-2 "Converted" is deliberately absent: its class depends on the visit (use the CDR instead).
+DIAGNOSIS_TABLE: dict[str, str] = {
+    **dict.fromkeys(["cn", "nc", "hc", "control", "normal", "normal control", "healthy control",
+                     "cognitively normal", "nondemented", "non-demented", "not demented", "smc",
+                     "cdr 0", "0", "0.0"], "CN"),
+    **dict.fromkeys(["mci", "emci", "lmci", "mild cognitive impairment", "mild cognitive impairment (mci)",
+                     "cdr 0.5", "0.5"], "MCI"),
+    **dict.fromkeys(["ad", "dementia", "demented", "alzheimer's disease", "alzheimers disease",
+                     "alzheimer disease", "cdr 1", "cdr 2", "cdr 3", "1", "1.0", "2", "2.0", "3", "3.0"], "AD"),
+}
+SEX_TABLE: dict[str, str] = {"f": "F", "female": "F", "woman": "F", "m": "M", "male": "M", "man": "M"}
+
+
+class ManifestError(ValueError):
+    """A manifest file is malformed; the message names the file, the column and the rows."""
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def normalize_diagnosis(raw: Any) -> str:
+    """Map a raw label to CN/MCI/AD through ``DIAGNOSIS_TABLE`` (numbers are CDR global scores).
+
+    Raises:
+        ValueError: the label is missing or not in the table (the message names it).
+    """
+    if raw is None or (isinstance(raw, float) and math.isnan(raw)):
+        raise ValueError("missing diagnosis label")
+    key = " ".join(str(raw).strip().lower().split())
+    if key.startswith("cdr "):
+        try:
+            key = f"cdr {float(key[4:]):g}"
+        except ValueError:
+            pass
+    if key not in DIAGNOSIS_TABLE:
+        raise ValueError(f"unknown diagnosis label {raw!r}; known: {sorted(set(DIAGNOSIS_TABLE))}")
+    return DIAGNOSIS_TABLE[key]
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest file not found")
+    kind = "jsonl" if path.suffix.lower() in (".jsonl", ".json", ".ndjson") else "csv"
+    try:
+        if kind == "jsonl":
+            return pd.read_json(path, lines=True, dtype=False)
+        return pd.read_csv(path, dtype=str, keep_default_na=True)
+    except (ValueError, pd.errors.ParserError) as err:
+        raise ManifestError(f"{path}: cannot parse as {kind} ({err})") from err
+
+
+def _blank(series: pd.Series) -> pd.Series:
+    return series.isna() | (series.astype(str).str.strip() == "")
+
+
+def _coerce(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """Text columns -> str/None, numeric columns -> float/NaN (a non-number raises, naming rows)."""
+    for column in TEXT_COLUMNS:
+        blank = _blank(frame[column])
+        frame[column] = [None if b else str(v).strip() for v, b in zip(frame[column], blank)]
+    for column in NUMERIC_COLUMNS:
+        values = pd.to_numeric(frame[column].replace("", np.nan), errors="coerce")
+        bad = values.isna() & ~_blank(frame[column])
+        if bad.any():
+            rows = (np.flatnonzero(bad.to_numpy()) + 2).tolist()[:5]
+            raise ManifestError(f"{path}: column {column!r} has non-numeric values at rows {rows}")
+        frame[column] = values.astype(float)
+    frame["sex"] = [None if s is None else SEX_TABLE.get(s.lower(), s) for s in frame["sex"]]
+    return frame
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    """Read and validate one manifest (CSV, or JSONL for ``.jsonl``/``.json``/``.ndjson``).
+
+    Returns a DataFrame with every ``MANIFEST_COLUMNS`` column (missing optional ones filled with None/NaN),
+    any extra columns, and ``image_path`` resolved to an absolute path (relative paths are taken from the
+    manifest's folder). The raw ``diagnosis`` is not normalised here.
+
+    Raises:
+        ManifestError: file missing or unparsable, a required column absent, or empty values in a required
+            column (the message names the file, the column and the first rows, counted from 2 = first data row).
+    """
+    path = Path(path).resolve()
+    frame = _read_table(path)
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ManifestError(f"{path}: missing required column(s) {missing}; found {list(frame.columns)}")
+    for column in REQUIRED_COLUMNS:
+        blank = _blank(frame[column])
+        if blank.any():
+            rows = (np.flatnonzero(blank.to_numpy()) + 2).tolist()[:5]
+            raise ManifestError(f"{path}: column {column!r} is empty at rows {rows}")
+    for column in OPTIONAL_COLUMNS:
+        if column not in frame.columns:
+            frame[column] = None
+    frame = _coerce(frame.astype(object), path)
+    frame["image_path"] = [str(p) if Path(p).is_absolute() else str((path.parent / p).resolve())
+                           for p in frame["image_path"]]
+    return frame
+
+
+# ---------------------------------------------------------------------------- splitting
+
+
+def subject_key(dataset: str, subject_id: str) -> str:
+    """Identity used for splitting: subject ids are unique only within a dataset."""
+    return f"{dataset}/{subject_id}"
+
+
+def _subject_labels(frame: pd.DataFrame) -> pd.Series:
+    """One label per subject for stratification: the most severe class among the subject's scans."""
+    order = {c: i for i, c in enumerate(CLASSES)}
+    rank = frame["diagnosis"].map(order)
+    return rank.groupby(frame["_subject"]).max().map(dict(enumerate(CLASSES)))
+
+
+def assign_splits(frame: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int) -> dict[str, str]:
+    """Subject key -> split, stratified by (dataset, subject label).
+
+    Within each stratum subjects are shuffled with ``np.random.default_rng(seed)`` and placed by systematic
+    sampling with a random start, so expected split sizes are exact even for small strata.
+    """
+    if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
+        raise ValueError(f"need 0 <= val_fraction, test_fraction and their sum < 1; got "
+                         f"{val_fraction}, {test_fraction}")
+    rng = np.random.default_rng(seed)
+    labels = _subject_labels(frame)
+    datasets = frame.groupby("_subject")["dataset"].first()
+    strata: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for key in sorted(labels.index):
+        strata[(datasets[key], labels[key])].append(key)
+    assignment: dict[str, str] = {}
+    for stratum in sorted(strata):
+        keys = list(rng.permutation(strata[stratum]))
+        offset = rng.random()
+        for i, key in enumerate(keys):
+            u = (i + offset) / len(keys)
+            assignment[key] = "test" if u < test_fraction else (
+                "validation" if u < test_fraction + val_fraction else "train")
+    return assignment
+
+
+def split_report(dataset_dict: Any) -> pd.DataFrame:
+    """Subjects and scans per split and class (rows: split x class, plus an 'all' class per split)."""
+    records = []
+    for split, ds in dataset_dict.items():
+        table = pd.DataFrame({"subject": [subject_key(d, s) for d, s in zip(ds["dataset"], ds["subject_id"])],
+                              "diagnosis": ds["diagnosis"]})
+        for cls in (*CLASSES, "all"):
+            part = table if cls == "all" else table[table["diagnosis"] == cls]
+            records.append({"split": split, "class": cls, "subjects": part["subject"].nunique(),
+                            "scans": len(part)})
+    return pd.DataFrame.from_records(records, columns=["split", "class", "subjects", "scans"])
+
+
+def check_subject_disjoint(dataset_dict: Any) -> None:
+    """Raise ``ValueError`` if any subject (dataset/subject_id) has scans in two splits, naming it."""
+    seen: dict[str, str] = {}
+    for split, ds in dataset_dict.items():
+        for key in {subject_key(d, s) for d, s in zip(ds["dataset"], ds["subject_id"])}:
+            if key in seen:
+                raise ValueError(f"subject leak: {key!r} has scans in both {seen[key]!r} and {split!r}")
+            seen[key] = split
+
+
+def _normalise_labels(frame: pd.DataFrame) -> pd.DataFrame:
+    frame["diagnosis_raw"] = frame["diagnosis"].astype(str)
+    labels = []
+    for i, raw in enumerate(frame["diagnosis"]):
+        try:
+            labels.append(normalize_diagnosis(raw))
+        except ValueError as err:
+            raise ManifestError(f"{frame['_manifest'].iat[i]}: column 'diagnosis', subject "
+                                f"{frame['subject_id'].iat[i]!r}: {err}") from None
+    frame["diagnosis"] = labels
+    return frame
+
+
+def _to_dataset(frame: pd.DataFrame) -> Any:
+    import datasets
+
+    records = frame.drop(columns=["_subject", "_manifest"]).to_dict(orient="list")
+    for column in NUMERIC_COLUMNS:
+        records[column] = [None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+                           for v in records[column]]
+    features = {c: datasets.Value("string") for c in (*TEXT_COLUMNS, "diagnosis_raw")}
+    features.update({c: datasets.Value("float64") for c in NUMERIC_COLUMNS})
+    for column, values in records.items():
+        if column not in features:
+            series = pd.Series(values)
+            numeric = pd.to_numeric(series, errors="coerce")
+            if numeric.notna().sum() == series.notna().sum():
+                records[column] = [None if math.isnan(v) else float(v) for v in numeric]
+                features[column] = datasets.Value("float64")
+            else:
+                records[column] = [None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+                                   for v in values]
+                features[column] = datasets.Value("string")
+    return datasets.Dataset.from_dict(records, features=datasets.Features(features))
+
+
+def load_corpus(manifests: Sequence[str | Path] | str | Path, holdout_datasets: Iterable[str] = (),
+                val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0) -> Any:
+    """Read manifests into a ``datasets.DatasetDict`` split by subject.
+
+    Splits: ``train``, ``validation``, ``test`` (subjects of the non-held-out datasets, stratified by dataset
+    and subject class) and, if ``holdout_datasets`` is given, ``zeroshot`` (every scan of those datasets).
+    Each row has the manifest columns (``image_path`` absolute, ``diagnosis`` in CN/MCI/AD), ``diagnosis_raw``
+    and any extra columns. The split report (``split_report``) is logged and stored as ``.split_report``.
+
+    Raises:
+        ManifestError: a manifest is malformed or has an unknown diagnosis label.
+        ValueError: a held-out dataset is absent, fractions are invalid, or a subject leaks (never expected).
+    """
+    import datasets
+
+    paths = [manifests] if isinstance(manifests, (str, Path)) else list(manifests)
+    if not paths:
+        raise ValueError("load_corpus needs at least one manifest")
+    frames = []
+    for path in paths:
+        frame = read_manifest(path)
+        frame["_manifest"] = str(Path(path).resolve())
+        frames.append(frame)
+    frame = _normalise_labels(pd.concat(frames, ignore_index=True))
+    frame["_subject"] = [subject_key(d, s) for d, s in zip(frame["dataset"], frame["subject_id"])]
+    holdout = set(holdout_datasets)
+    unknown = sorted(holdout - set(frame["dataset"]))
+    if unknown:
+        raise ValueError(f"holdout dataset(s) {unknown} not in the manifests; datasets: "
+                         f"{sorted(set(frame['dataset']))}")
+    is_holdout = frame["dataset"].isin(holdout)
+    assignment = assign_splits(frame[~is_holdout], val_fraction, test_fraction, seed)
+    split_of = frame["_subject"].map(assignment).where(~is_holdout, "zeroshot")
+    full = _to_dataset(frame)
+    names = SPLITS + (("zeroshot",) if holdout else ())
+    corpus = datasets.DatasetDict({name: full.select(np.flatnonzero((split_of == name).to_numpy()))
+                                   for name in names})
+    check_subject_disjoint(corpus)
+    report = split_report(corpus)
+    corpus.split_report = report
+    logger.info("corpus split (seed %d, held out: %s):\n%s", seed, sorted(holdout) or "none",
+                report.to_string(index=False))
+    return corpus
