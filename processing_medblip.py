@@ -303,10 +303,8 @@ class Orient:
     """
 
     def __init__(self, axcodes: str = "RAS") -> None:
-        pairs = [{"L", "R"}, {"P", "A"}, {"I", "S"}]
-        if not isinstance(axcodes, str) or len(axcodes) != 3 or sorted(
-            next(i for i, p in enumerate(pairs) if c in p) if any(c in p for p in pairs) else -1 for c in axcodes
-        ) != [0, 1, 2]:
+        owners = [next((i for i, pair in enumerate(("LR", "PA", "IS")) if c in pair), -1) for c in str(axcodes)]
+        if not isinstance(axcodes, str) or sorted(owners) != [0, 1, 2]:
             raise ValueError(f"axcodes must take one letter from each of L/R, P/A, I/S (e.g. 'RAS'), got {axcodes!r}")
         self.axcodes = axcodes
         self.target = axcodes2ornt(tuple(axcodes))
@@ -482,19 +480,20 @@ class CropForeground:
     """
 
     def __call__(self, volume: Volume) -> Volume:
-        if volume.mask is None or not bool(volume.mask.any()):
-            raise VolumeError("no foreground voxels to crop to")
+        if volume.mask is None:
+            raise VolumeError("no foreground mask to crop to (ForegroundMask must run first)")
+        mask = volume.mask.numpy()  # numpy's boolean reductions over inner axes are far faster than torch's
         bounds = []
         for axis in range(3):
-            other = tuple(a for a in range(3) if a != axis)
-            present = torch.nonzero(volume.mask.any(dim=other)).flatten()
+            present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+            if present.size == 0:
+                raise VolumeError("no foreground voxels to crop to")
             bounds.append((int(present[0]), int(present[-1]) + 1))
         region = tuple(slice(lo, hi) for lo, hi in bounds)
         shift = np.eye(4)
         shift[:3, 3] = [lo for lo, _ in bounds]
-        return replace(
-            volume, data=volume.data[(slice(None), *region)], affine=volume.affine @ shift, mask=volume.mask[region]
-        )
+        data, mask = volume.data[(slice(None), *region)].contiguous(), volume.mask[region].contiguous()
+        return replace(volume, data=data, affine=volume.affine @ shift, mask=mask)
 
 
 class NormalizeIntensity:
@@ -523,8 +522,10 @@ class NormalizeIntensity:
         self.mode, self.lower, self.upper, self.scope = mode, float(lower), float(upper), scope
 
     def _selected(self, volume: Volume) -> torch.Tensor:
-        if self.scope == "foreground" and volume.mask is not None and bool(volume.mask.any()):
-            return volume.data[:, volume.mask].reshape(-1)
+        if self.scope == "foreground" and volume.mask is not None:
+            values = torch.masked_select(volume.data, volume.mask)  # the mask broadcasts over channels
+            if values.numel() > 0:
+                return values
         return volume.data.reshape(-1)
 
     def __call__(self, volume: Volume) -> Volume:
@@ -540,10 +541,10 @@ class NormalizeIntensity:
                 out = out * volume.mask
             return replace(volume, data=out)
         low, high = _quantiles(values, [self.lower / 100.0, self.upper / 100.0])
-        for candidate in ((float(values.min()), float(values.max())), (float(data.min()), float(data.max()))):
+        for fallback in (values, data):  # degenerate percentiles: widen to min/max, never divide by zero
             if high > low:
                 break
-            low, high = candidate
+            low, high = (float(v) for v in torch.aminmax(fallback))
         if not high > low:
             raise VolumeError("constant volume; percentile scaling has no range")
         return replace(volume, data=((data - low) / (high - low)).clamp_(0.0, 1.0))
@@ -552,49 +553,53 @@ class NormalizeIntensity:
 def _centered_pad_or_crop(data: torch.Tensor, size: Sequence[int]) -> tuple[torch.Tensor, np.ndarray]:
     """Centred zero-pad / crop of `(C, X, Y, Z)` to `size`, with MONAI's ResizeWithPadOrCrop offsets.
 
-    Returns the result and the voxel offset of the output origin in input voxels (for the affine).
+    Crop start is `current // 2 - target // 2` (MONAI CenterSpatialCrop); padding puts `(target - current) // 2`
+    zeros before and the rest after (MONAI SpatialPad "symmetric"). Returns the result and the voxel offset of
+    the output origin in input voxels (for the affine).
     """
-    offsets = []
-    for axis, target in enumerate(size, start=1):
-        current = data.shape[axis]
-        if current > target:  # crop: start = centre - target // 2 (MONAI CenterSpatialCrop)
+    offsets, source, target_region = [], [slice(None)], [slice(None)]
+    for current, target in zip(data.shape[1:], size):
+        if current >= target:
             start = current // 2 - target // 2
-            data = data.narrow(axis, start, target)
+            source.append(slice(start, start + target))
+            target_region.append(slice(None))
             offsets.append(start)
-        elif current < target:  # pad: diff // 2 before, the rest after (MONAI SpatialPad "symmetric")
-            before = (target - current) // 2
-            pad = [0, 0] * 3
-            pad[2 * (3 - axis)] = before
-            pad[2 * (3 - axis) + 1] = target - current - before
-            data = F.pad(data, pad)
-            offsets.append(-before)
         else:
-            offsets.append(0)
-    return data, np.asarray(offsets, dtype=np.float64)
+            before = (target - current) // 2
+            source.append(slice(None))
+            target_region.append(slice(before, before + current))
+            offsets.append(-before)
+    cropped = data[tuple(source)]
+    if tuple(cropped.shape[1:]) == tuple(size):
+        return cropped.contiguous(), np.asarray(offsets, dtype=np.float64)
+    output = data.new_zeros((data.shape[0], *size))
+    output[tuple(target_region)] = cropped
+    return output, np.asarray(offsets, dtype=np.float64)
 
 
 class FitToSize:
     """Bring the volume to exactly `size` voxels.
 
-    - "fit": trilinear resize by one isotropic factor in mm (so the physical aspect ratio is kept) so that the
-      volume fits inside `size`, then centred zero padding.
-    - "stretch": trilinear resize of each axis to `size` (aspect ratio not kept).
-    - "none": no resize; centred zero padding / centred cropping (MONAI ResizeWithPadOrCrop).
+    - `resize=True, keep_aspect_ratio=True`: trilinear resize by one isotropic factor in mm (the physical aspect
+      ratio is kept) so that the volume fits inside `size`, then centred zero padding.
+    - `resize=True, keep_aspect_ratio=False`: trilinear resize of each axis to `size`.
+    - `resize=False`: no resize; centred zero padding / centred cropping (MONAI ResizeWithPadOrCrop).
     """
 
-    def __init__(self, size: Sequence[int], mode: str = "fit") -> None:
+    def __init__(self, size: Sequence[int], resize: bool = True, keep_aspect_ratio: bool = True) -> None:
         self.size = _triple(size, "volume_size", int)
         if min(self.size) < 1:
             raise ValueError(f"volume_size must be positive, got {self.size}")
-        if mode not in ("fit", "stretch", "none"):
-            raise ValueError(f"resize_mode must be 'fit', 'stretch' or 'none', got {mode!r}")
-        self.mode = mode
+        for name, flag in (("resize", resize), ("keep_aspect_ratio", keep_aspect_ratio)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be a bool, got {flag!r}")
+        self.resize, self.keep_aspect_ratio = resize, keep_aspect_ratio
 
     def __call__(self, volume: Volume) -> Volume:
         shape = np.asarray(volume.spatial_shape)
         data, affine = volume.data, volume.affine
-        if self.mode != "none":
-            if self.mode == "fit":
+        if self.resize:
+            if self.keep_aspect_ratio:
                 extent = shape * volume.spacing
                 voxel = float(np.max(extent / np.asarray(self.size)))
                 new_shape = np.clip(np.round(extent / voxel), 1, self.size).astype(int)
@@ -624,6 +629,8 @@ class Compose:
 # Image processor
 
 _OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+# Keys that transformers' save/load machinery adds to a saved image-processor dict (not options).
+_BOOKKEEPING_KEYS = {"image_processor_type", "auto_map", "processor_class", "feature_extractor_type", "_processor_class"}
 
 
 def _describe(item: Any) -> str:
@@ -662,7 +669,8 @@ class MedBlipImageProcessor(BaseImageProcessor):
 
     Steps (each a saved option): read -> reorient (`reorient`) -> float32 + checks -> resample
     (`target_spacing`) -> foreground mask and optional crop (`crop_foreground`) -> intensity normalisation
-    (`normalization`) -> resize/pad to `volume_size` (`resize_mode`) -> cast (`output_dtype`) -> patches.
+    (`normalization`) -> resize (`resize`, `keep_aspect_ratio`) and centred pad/crop to `volume_size` -> cast
+    (`output_dtype`) -> patches.
 
     Data contract: the processed volume is `(num_channels, D, H, W)` with `D, H, W = volume_size` and axes in
     RAS+ order (axis 0 -> Right, 1 -> Anterior, 2 -> Superior); `pixel_values` are its patches as laid out by
@@ -683,8 +691,10 @@ class MedBlipImageProcessor(BaseImageProcessor):
         percentiles (`tuple[float, float]`, defaults to `(0.5, 99.5)`): lower/upper clip percentiles.
         percentile_scope (`str`, defaults to `"foreground"`): voxels the percentiles are computed over,
             `"foreground"` or `"volume"`.
-        resize_mode (`str`, defaults to `"fit"`): `"fit"` (keep the aspect ratio, fit inside `volume_size`, centred
-            zero padding), `"stretch"` (resize each axis) or `"none"` (centred pad/crop only).
+        resize (`bool`, defaults to `True`): resize the (cropped) volume to fit `volume_size`; with `False` it is only
+            centred-padded with zeros / centred-cropped (MONAI ResizeWithPadOrCrop).
+        keep_aspect_ratio (`bool`, defaults to `True`): resize by one factor in mm (fits inside `volume_size`, then
+            centred zero padding); `False` stretches each axis to `volume_size`.
         output_dtype (`str`, defaults to `"float32"`): `"float32"` or `"float16"`.
         max_voxels (`int`, defaults to `512**3`): largest accepted volume (checked on the header before reading,
             and again after resampling).
@@ -706,7 +716,8 @@ class MedBlipImageProcessor(BaseImageProcessor):
     model_input_names = ["pixel_values", "patch_grid"]
     _option_names = (
         "volume_size", "patch_size", "num_channels", "reorient", "target_spacing", "crop_foreground",
-        "foreground_threshold", "normalization", "percentiles", "percentile_scope", "resize_mode",
+        "foreground_threshold", "normalization", "percentiles", "percentile_scope", "resize",
+        "keep_aspect_ratio",
         "output_dtype", "max_voxels",
     )
 
@@ -722,12 +733,16 @@ class MedBlipImageProcessor(BaseImageProcessor):
         normalization: str = "percentile",
         percentiles: Sequence[float] = (0.5, 99.5),
         percentile_scope: str = "foreground",
-        resize_mode: str = "fit",
+        resize: bool = True,
+        keep_aspect_ratio: bool = True,
         output_dtype: str = "float32",
         max_voxels: int = 512**3,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        unknown = sorted(set(kwargs) - _BOOKKEEPING_KEYS)
+        if unknown:
+            raise ValueError(f"MedBlipImageProcessor got unknown options {unknown}; known: {list(self._option_names)}")
+        super().__init__(**{key: value for key, value in kwargs.items() if key == "auto_map"})
         self.volume_size = list(_triple(volume_size, "volume_size", int))
         self.patch_size = list(_triple(patch_size, "patch_size", int))
         if min(self.patch_size) < 1 or any(v % p for v, p in zip(self.volume_size, self.patch_size)):
@@ -753,7 +768,8 @@ class MedBlipImageProcessor(BaseImageProcessor):
         self.normalization = normalization
         self.percentiles = [float(p) for p in percentiles]
         self.percentile_scope = percentile_scope
-        self.resize_mode = resize_mode
+        self.resize = resize
+        self.keep_aspect_ratio = keep_aspect_ratio
         self.output_dtype = output_dtype
         self.max_voxels = max_voxels
         self._pipeline = self._build_pipeline()  # validates the remaining options
@@ -769,7 +785,7 @@ class MedBlipImageProcessor(BaseImageProcessor):
         if self.crop_foreground:
             steps.append(CropForeground())
         steps.append(NormalizeIntensity(self.normalization, *self.percentiles, scope=self.percentile_scope))
-        steps.append(FitToSize(self.volume_size, self.resize_mode))
+        steps.append(FitToSize(self.volume_size, self.resize, self.keep_aspect_ratio))
         return Compose(steps)
 
     def to_dict(self) -> dict[str, Any]:
@@ -1099,6 +1115,22 @@ class MedBlipProcessor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, qformer_tokenizer, **kwargs)
         self._check_tokenizer()
 
+    @classmethod
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path: Any, processor_dict: Any = None, **kwargs):
+        """Load the sub-processors with this module's own image-processor class.
+
+        The generic loader goes through `AutoImageProcessor`, which demands `trust_remote_code=True` even when
+        this class is already imported; the tokenizers still load through `AutoTokenizer` (root folder and the
+        `qformer_tokenizer/` subfolder).
+        """
+        image_processor = MedBlipImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        kwargs.pop("subfolder", None)
+        tokenizers = [
+            cls._load_tokenizer_from_pretrained(name, pretrained_model_name_or_path, **kwargs)
+            for name in ("tokenizer", "qformer_tokenizer")
+        ]
+        return [image_processor, *tokenizers]
+
     def _check_tokenizer(self) -> None:
         ids = self.tokenizer.encode(self.image_token, add_special_tokens=False)
         if len(ids) != 1 or ids[0] == self.tokenizer.unk_token_id:
@@ -1195,6 +1227,7 @@ class MedBlipProcessor(ProcessorMixin):
         diagnoses: Any = None,
         question: str | Sequence[str] | None = None,
         return_tensors: str | None = "pt",
+        image_slots: bool | None = None,
         **kwargs: Any,
     ) -> BatchFeature:
         """Build model inputs for a batch.
@@ -1205,6 +1238,8 @@ class MedBlipProcessor(ProcessorMixin):
             diagnoses: raw labels (see `normalize_diagnosis`) for training/evaluation labels; None at inference.
             question: one question for all items or one per item (default `self.question`).
             return_tensors: "pt", "np" or None (lists).
+            image_slots: put the `<image>` placeholders in the prompt (default: whether `images` are given); True
+                without `images` builds prompts for patches preprocessed earlier (e.g. a training cache).
             **kwargs: forwarded to the image processor (`return_volume`, `volume_index`, `spacing`, `affine`).
 
         Returns:
@@ -1234,7 +1269,8 @@ class MedBlipProcessor(ProcessorMixin):
             raise ValueError(f"records has {len(records)} entries for a batch of {count}")
         questions = self._as_list(self.question if question is None else question, count, "question")
         labels = None if diagnoses is None else [normalize_diagnosis(d) for d in self._as_list(diagnoses, count, "diagnoses")]
-        outputs.update(self._lm_inputs(records, questions, labels, images is not None))
+        with_image = images is not None if image_slots is None else bool(image_slots)
+        outputs.update(self._lm_inputs(records, questions, labels, with_image))
         outputs.update(self._qformer_inputs([render_record(r) for r in records], "qformer"))
         if labels is not None:
             answers = [f"{q} {self.answer_texts[label]}" for q, label in zip(questions, labels)]

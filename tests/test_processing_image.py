@@ -167,7 +167,7 @@ def test_matches_monai_chain_exactly_without_resampling(mni_template):
     size = (192, 240, 176)  # crops x and z, pads y of the 197 x 233 x 189 template
     processor = MedBlipImageProcessor(
         volume_size=size, patch_size=(16, 16, 16), target_spacing=None, crop_foreground=False,
-        percentile_scope="volume", resize_mode="none",
+        percentile_scope="volume", resize=False,
     )
     ours = processor(mni_template, return_volume=True)["volumes"][0]
     torch.testing.assert_close(ours, _monai_chain(mni_template, None, size), rtol=0, atol=1e-5)
@@ -180,7 +180,7 @@ def test_matches_monai_chain_with_resampling_within_tolerance(mni_template):
     size = (96, 112, 96)
     processor = MedBlipImageProcessor(
         volume_size=size, patch_size=(16, 16, 16), crop_foreground=False, percentile_scope="volume",
-        resize_mode="none",
+        resize=False,
     )
     ours = processor(mni_template, return_volume=True)["volumes"][0]
     reference = _monai_chain(mni_template, (2.0, 2.0, 2.0), size)
@@ -250,6 +250,17 @@ def test_output_is_deterministic_and_float16_on_request(anatomical_nii):
     torch.testing.assert_close(half.float(), first, rtol=0, atol=1e-3)
     as_numpy = MedBlipImageProcessor(**SMALL)(anatomical_nii, return_tensors="np")["pixel_values"]
     assert isinstance(as_numpy, np.ndarray)
+
+
+def test_fit_keeps_the_aspect_ratio_and_centres(tmp_path):
+    box = np.random.default_rng(1).uniform(1.0, 2.0, size=(40, 20, 10)).astype(np.float32)  # 80 x 40 x 20 mm
+    common = dict(volume_size=(32, 32, 32), patch_size=(8, 8, 8), target_spacing=None, crop_foreground=False)
+    volume = MedBlipImageProcessor(**common)(box, spacing=(2.0, 2.0, 2.0), return_volume=True)["volumes"][0, 0]
+    inside = torch.nonzero(volume > 0)
+    assert inside.min(0).values.tolist() == [0, 8, 12] and inside.max(0).values.tolist() == [31, 23, 19]
+    stretched = MedBlipImageProcessor(**common, keep_aspect_ratio=False)(box, spacing=(2.0, 2.0, 2.0), return_volume=True)
+    inside = torch.nonzero(stretched["volumes"][0, 0] > 0)
+    assert inside.min(0).values.tolist() == [0, 0, 0] and inside.max(0).values.tolist() == [31, 31, 31]
 
 
 def test_zscore_normalisation_is_finite_and_zero_outside_foreground(anatomical_nii):
@@ -370,7 +381,9 @@ def test_property_only_volume_errors(shape, spacing, dtype, fill, seed):
         (dict(normalization="minmax"), "'percentile' or 'zscore'"),
         (dict(percentiles=(99.5, 0.5)), "lower < upper"),
         (dict(percentile_scope="brain"), "'foreground' or 'volume'"),
-        (dict(resize_mode="crop"), "'fit', 'stretch' or 'none'"),
+        (dict(resize="yes"), "resize must be a bool"),
+        (dict(keep_aspect_ratio=1), "keep_aspect_ratio must be a bool"),
+        (dict(resize_mode="fit"), "unknown options"),
         (dict(output_dtype="bfloat16"), "output_dtype"),
         (dict(max_voxels=0), "max_voxels"),
         (dict(foreground_threshold=1.5), r"\[0, 1\)"),
@@ -386,7 +399,7 @@ def test_invalid_options_state_the_rule(kwargs, message):
 def test_options_round_trip_through_json(tmp_path):
     processor = MedBlipImageProcessor(
         volume_size=(64, 64, 32), patch_size=(16, 16, 16), reorient=None, target_spacing=None,
-        crop_foreground=False, normalization="zscore", resize_mode="stretch", output_dtype="float16",
+        crop_foreground=False, normalization="zscore", keep_aspect_ratio=False, output_dtype="float16",
     )
     processor.save_pretrained(str(tmp_path))
     saved = json.loads((tmp_path / "preprocessor_config.json").read_text())

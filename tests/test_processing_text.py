@@ -114,6 +114,9 @@ def test_inference_prompt_has_image_tokens_and_no_diagnosis(processor, gpt2_toke
 def test_text_only_mode_has_no_image_tokens(processor):
     batch = processor(records=[RECORD, None])
     assert int((batch["input_ids"] == 50257).sum()) == 0 and "pixel_values" not in batch
+    # placeholders without images, for pixel values cached elsewhere
+    cached = processor(records=[RECORD, None], image_slots=True)
+    assert ((cached["input_ids"] == 50257).sum(1) == NUM_QUERY).all() and "pixel_values" not in cached
 
 
 def test_training_labels_supervise_only_answer_and_eos(processor, gpt2_tokenizer):
@@ -263,5 +266,7 @@ def test_save_and_auto_load_offline_in_fresh_process(processor, tmp_path):
         [sys.executable, "-c", script], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
-    reloaded = MedBlipProcessor.from_pretrained(str(folder), trust_remote_code=True)
+    reloaded = MedBlipProcessor.from_pretrained(str(folder))  # in-process: no trust_remote_code needed
     assert torch.equal(reloaded(records=[RECORD], diagnoses=["MCI"])["labels"], expected["labels"])
+    assert type(reloaded.image_processor) is MedBlipImageProcessor
+    assert reloaded.image_processor.to_dict() == processor.image_processor.to_dict()
