@@ -1,0 +1,342 @@
+"""MedBLIP pipelines: zero-shot diagnosis and question answering on 3D brain MRI, and Hub-folder helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from transformers import GenerationConfig, Pipeline
+from transformers import pipeline as transformers_pipeline
+
+ZERO_SHOT_TASK = "zero-shot-volume-classification"
+VQA_TASK = "volume-question-answering"
+DEFAULT_TASK = ZERO_SHOT_TASK
+DEFAULT_CANDIDATE_LABELS = ("CN", "MCI", "AD")
+# Files of the Hub folder that `pipeline(...)` / the plot helper need beside the model, copied by `save_medblip_for_hub`.
+PIPELINE_FILES = ("pipeline_medblip.py", "plotting_medblip.py")
+PROCESSOR_FILES = ("processor_config.json", "tokenizer_config.json")
+MODEL_FILES = ("config.json", "configuration_medblip.py", "modeling_medblip.py", "processing_medblip.py")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+_VOLUME_KEYS = ("volume", "image", "array", "path")
+_INPUT_KEYS = {*_VOLUME_KEYS, "spacing", "affine", "record", "question"}
+
+
+def _split_input(item: Any) -> dict[str, Any]:
+    """One pipeline input -> `{"image", "spacing", "affine", "record", "question"}` (missing entries are None).
+
+    Accepted: a path (NIfTI/MGZ file or DICOM folder), a nibabel image, an array/tensor (spacing given separately),
+    a tuple `(array, spacing)`, or a dict with one of the keys "volume"/"image"/"array"/"path" plus optional
+    "spacing", "affine", "record" and "question".
+    """
+    fields: dict[str, Any] = dict.fromkeys(("image", "spacing", "affine", "record", "question"))
+    if isinstance(item, dict):
+        unknown = set(item) - _INPUT_KEYS
+        volume_keys = [key for key in _VOLUME_KEYS if key in item]
+        if unknown or len(volume_keys) != 1:
+            raise ValueError(
+                f"an input dict needs exactly one of {_VOLUME_KEYS} and optionally 'spacing', 'affine', 'record', "
+                f"'question'; got keys {sorted(item)}"
+            )
+        fields.update({key: value for key, value in item.items() if key not in _VOLUME_KEYS})
+        fields["image"] = item[volume_keys[0]]
+    elif isinstance(item, tuple):
+        if len(item) != 2:
+            raise ValueError(f"a tuple input must be (array, spacing), got {len(item)} entries")
+        fields["image"], fields["spacing"] = item
+    else:
+        fields["image"] = item
+    return fields
+
+
+class _MedBlipPipeline(Pipeline):
+    """Shared parts: the MedBLIP processor is mandatory; one volume (+ record, question) per input."""
+
+    _load_processor = True
+    _load_tokenizer = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        processor = kwargs.get("processor")
+        if processor is None or not hasattr(processor, "candidate_inputs"):
+            raise ValueError(
+                f"{type(self).__name__} needs the MedBlipProcessor saved beside the model (processor_config.json, "
+                f"tokenizer files, qformer_tokenizer/); got processor={type(processor).__name__}. Save the "
+                "folder with pipeline_medblip.save_medblip_for_hub(model, processor, folder)."
+            )
+        super().__init__(*args, **kwargs)
+        # Pipeline batching pads `input_ids` on the tokenizer's side; it must be the side the processor pads on.
+        self.tokenizer.padding_side = "right" if self.processor.is_encoder_decoder else "left"
+
+    def _model_inputs(
+        self, item: Any, record: Any = None, question: str | None = None, spacing: Any = None, affine: Any = None,
+        volume_index: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        fields = _split_input(item)
+        image_kwargs = {
+            "spacing": spacing if fields["spacing"] is None else fields["spacing"],
+            "affine": affine if fields["affine"] is None else fields["affine"],
+            "volume_index": volume_index,
+        }
+        inputs = self.processor(
+            images=fields["image"],
+            records=record if fields["record"] is None else fields["record"],
+            question=question if fields["question"] is None else fields["question"],
+            return_tensors="pt",
+            **image_kwargs,
+        )
+        if inputs["pixel_values"].shape[0] != 1:
+            raise ValueError("one input holds several volumes; pass a list of volumes instead (one result each)")
+        return {key: inputs[key] for key in ("input_ids", "attention_mask", "pixel_values", "patch_grid")}
+
+    def _cast(self, model_inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        model_inputs = dict(model_inputs)
+        model_inputs["pixel_values"] = model_inputs["pixel_values"].to(self.model.dtype)
+        return model_inputs
+
+    def query_attention(
+        self, volume: Any, spacing: Any = None, affine: Any = None, volume_index: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The processed volume and where the Q-Former queries look in it.
+
+        Returns:
+            `(volume, attention)`: the processed volume `(num_channels, D, H, W)` in RAS+ axis order (what the model
+            sees) and the Q-Former cross-attention averaged over queries, layers and heads on the patch grid
+            `(gd, gh, gw)` (the share the queries give the CLS token is left out); both on the CPU. Feed them to
+            `plotting_medblip.plot_volume_slices`.
+        """
+        fields = _split_input(volume)
+        features = self.processor.image_processor(
+            fields["image"], return_volume=True, volume_index=volume_index,
+            spacing=spacing if fields["spacing"] is None else fields["spacing"],
+            affine=affine if fields["affine"] is None else fields["affine"],
+        )
+        if features["pixel_values"].shape[0] != 1:
+            raise ValueError("query_attention takes one volume")
+        with torch.no_grad():
+            attention = self.model.get_query_cross_attentions(
+                features["pixel_values"].to(self.device, self.model.dtype), features["patch_grid"].to(self.device)
+            )  # (1, Q, N)
+        grid = features["patch_grid"][0].tolist()
+        return features["volumes"][0], attention[0].mean(dim=0).reshape(grid).float().cpu()
+
+
+class ZeroShotVolumeClassificationPipeline(_MedBlipPipeline):
+    """Diagnosis of a 3D brain MRI (plus an optional health record) by ranking candidate answers.
+
+    Each candidate's answer text is scored by the language model's summed log-likelihood after the prompt
+    (`MedBlipForConditionalGeneration.score_candidates`); the scores are the softmax over the candidates, so they sum
+    to 1. Candidates are class labels or raw cohort labels ("CN", "AD", "Dementia", "Not demented", "LMCI", ...:
+    scored with the processor's answer text for the class) or any other answer string (scored verbatim). The output
+    `label` is the candidate as given.
+
+    Example:
+
+    >>> # classifier = pipeline("zero-shot-volume-classification", model=folder, trust_remote_code=True)
+    >>> # classifier("sub-01_T1w.nii.gz", record={"age": 74, "sex": "F", "mmse": 24})
+    >>> # [{'label': 'MCI', 'score': 0.61}, {'label': 'AD', 'score': 0.27}, {'label': 'CN', 'score': 0.12}]
+    """
+
+    def _sanitize_parameters(
+        self, candidate_labels: Sequence[str] | None = None, record: Any = None, question: str | None = None,
+        spacing: Any = None, affine: Any = None, volume_index: int | None = None, top_k: int | None = None,
+    ) -> tuple[dict, dict, dict]:
+        preprocess = {"record": record, "question": question, "spacing": spacing, "affine": affine,
+                      "volume_index": volume_index}  # fmt: skip
+        preprocess = {key: value for key, value in preprocess.items() if value is not None}
+        forward, postprocess = {}, {}
+        if candidate_labels is not None:
+            if isinstance(candidate_labels, str):
+                candidate_labels = [label.strip() for label in candidate_labels.split(",")]
+            if not candidate_labels or not all(isinstance(label, str) and label.strip() for label in candidate_labels):
+                raise ValueError(f"candidate_labels must be non-empty strings, got {candidate_labels!r}")
+            forward["candidate_labels"] = postprocess["candidate_labels"] = list(candidate_labels)
+        if top_k is not None:
+            postprocess["top_k"] = top_k
+        return preprocess, forward, postprocess
+
+    def preprocess(self, item: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        return self._model_inputs(item, **kwargs)
+
+    def candidate_tensors(self, candidate_labels: Sequence[str]) -> dict[str, torch.Tensor]:
+        """`candidate_input_ids` / `candidate_attention_mask` `(K, Lc)`: `" " + answer + eos`, right-padded.
+
+        Known labels go through `MedBlipProcessor.candidate_inputs`; other strings are tokenised the same way
+        (the processor has no public method for free-text candidates).
+        """
+        known = []
+        for label in candidate_labels:
+            try:
+                known.append(self.processor.label_to_answer(label))
+            except ValueError:
+                known.append(None)
+        if all(answer is not None for answer in known):
+            return dict(self.processor.candidate_inputs(list(candidate_labels)))
+        tokenizer = self.processor.tokenizer
+        rows = [
+            tokenizer.encode(" " + (answer if answer is not None else label.strip()), add_special_tokens=False)
+            + [tokenizer.eos_token_id]
+            for label, answer in zip(candidate_labels, known)
+        ]
+        width = max(len(row) for row in rows)
+        ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows])
+        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
+        return {"candidate_input_ids": ids, "candidate_attention_mask": mask}
+
+    def _forward(
+        self, model_inputs: dict[str, torch.Tensor], candidate_labels: Sequence[str] = DEFAULT_CANDIDATE_LABELS
+    ) -> dict[str, torch.Tensor]:
+        candidates = {key: value.to(self.device) for key, value in self.candidate_tensors(candidate_labels).items()}
+        log_likelihoods = self.model.score_candidates(**self._cast(model_inputs), **candidates)  # (B, K)
+        return {"log_likelihoods": log_likelihoods}
+
+    def postprocess(
+        self, model_outputs: dict[str, torch.Tensor], candidate_labels: Sequence[str] = DEFAULT_CANDIDATE_LABELS,
+        top_k: int | None = None,
+    ) -> list[dict[str, Any]]:
+        scores = model_outputs["log_likelihoods"].float().reshape(-1).softmax(dim=-1).tolist()
+        ranked = sorted(zip(scores, candidate_labels), key=lambda pair: -pair[0])
+        return [{"label": label, "score": score} for score, label in ranked[:top_k]]
+
+
+class VolumeQuestionAnsweringPipeline(_MedBlipPipeline):
+    """Free-text answer to a question about a 3D brain MRI (plus an optional health record).
+
+    Generation arguments (`max_new_tokens`, `num_beams`, `do_sample`, a `generation_config`, ...) are passed to
+    `generate`, at construction or per call; the model's `generation_config.json` supplies the rest. Map an answer
+    to a class with `pipe.processor.post_process_generation(answer)`.
+
+    Example:
+
+    >>> # vqa = pipeline("volume-question-answering", model=folder, trust_remote_code=True)
+    >>> # vqa("sub-01_T1w.nii.gz", question="What will this subject be diagnosed with?", max_new_tokens=8)
+    >>> # [{'answer': 'mild cognitive impairment (MCI)'}]
+    """
+
+    _pipeline_calls_generate = True
+    _default_generation_config = GenerationConfig(max_new_tokens=16)
+
+    def _sanitize_parameters(
+        self, question: str | None = None, record: Any = None, spacing: Any = None, affine: Any = None,
+        volume_index: int | None = None, generate_kwargs: dict | None = None, **kwargs: Any,
+    ) -> tuple[dict, dict, dict]:
+        preprocess = {"record": record, "question": question, "spacing": spacing, "affine": affine,
+                      "volume_index": volume_index}  # fmt: skip
+        preprocess = {key: value for key, value in preprocess.items() if value is not None}
+        generate_kwargs = {**(generate_kwargs or {}), **kwargs}  # the remaining keywords go to generate()
+        return preprocess, {"generate_kwargs": generate_kwargs}, {}
+
+    def preprocess(self, item: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        return self._model_inputs(item, **kwargs)
+
+    def _forward(self, model_inputs: dict[str, torch.Tensor], generate_kwargs: dict | None = None) -> dict:
+        generate_kwargs = self._prepare_generate_kwargs(generate_kwargs or {})
+        return {"generated_ids": self.model.generate(**self._cast(model_inputs), **generate_kwargs)}
+
+    def postprocess(self, model_outputs: dict[str, torch.Tensor]) -> list[dict[str, str]]:
+        texts = self.processor.tokenizer.batch_decode(model_outputs["generated_ids"], skip_special_tokens=True)
+        return [{"answer": text.strip()} for text in texts]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hub folders
+
+
+def custom_pipelines_entry() -> dict[str, dict[str, Any]]:
+    """`config.custom_pipelines` for both tasks; `"default_task": True` marks the one `load_medblip_pipeline` picks."""
+    return {
+        ZERO_SHOT_TASK: {"impl": "pipeline_medblip.ZeroShotVolumeClassificationPipeline", "pt": ["AutoModel"],
+                         "type": "multimodal", "default_task": DEFAULT_TASK == ZERO_SHOT_TASK},
+        VQA_TASK: {"impl": "pipeline_medblip.VolumeQuestionAnsweringPipeline", "pt": ["AutoModel"],
+                   "type": "multimodal", "default_task": DEFAULT_TASK == VQA_TASK},
+    }  # fmt: skip
+
+
+def make_pipeline_ready(folder: str | os.PathLike) -> Path:
+    """Register both pipelines in `folder/config.json` and copy the pipeline (and plotting) files into `folder`.
+
+    Raises:
+        FileNotFoundError: `folder` has no config.json (save the model first).
+    """
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: save the model into {folder} first")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["custom_pipelines"] = custom_pipelines_entry()
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    source = Path(__file__).resolve().parent
+    for name in PIPELINE_FILES:
+        if (source / name).resolve() != (folder / name).resolve():
+            shutil.copyfile(source / name, folder / name)
+    return folder
+
+
+def save_medblip_for_hub(model: Any, processor: Any, folder: str | os.PathLike, **save_kwargs: Any) -> Path:
+    """`model.save_pretrained` + `processor.save_pretrained` + `make_pipeline_ready`: a folder that
+    `pipeline(task, model=folder, trust_remote_code=True)` loads offline and that can be pushed to the Hub as is."""
+    model.save_pretrained(folder, **save_kwargs)
+    processor.save_pretrained(folder)
+    return make_pipeline_ready(folder)
+
+
+def check_medblip_folder(folder: str | os.PathLike) -> dict[str, Any]:
+    """Check that a local folder holds a complete pipeline-ready MedBLIP; return its `custom_pipelines`.
+
+    Raises:
+        FileNotFoundError: the folder lacks files; the message lists every missing file and what it is for.
+        ValueError: config.json does not register both MedBLIP pipelines.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder")
+    missing = [f"{name} (model)" for name in MODEL_FILES if not (folder / name).is_file()]
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        missing.append(f"one of {', '.join(WEIGHT_FILES)} (model weights)")
+    missing += [f"{name} (processor)" for name in PROCESSOR_FILES if not (folder / name).is_file()]
+    missing += [f"{name} (pipeline code)" for name in PIPELINE_FILES if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{folder} is not a complete MedBLIP folder; missing: {'; '.join(missing)}. Write it with "
+            "pipeline_medblip.save_medblip_for_hub(model, processor, folder) (or make_pipeline_ready(folder) for "
+            "the pipeline part)."
+        )
+    custom = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("custom_pipelines") or {}
+    absent = [task for task in (ZERO_SHOT_TASK, VQA_TASK) if task not in custom]
+    if absent:
+        raise ValueError(
+            f"{folder}/config.json does not register the pipeline tasks {absent} in custom_pipelines; run "
+            "pipeline_medblip.make_pipeline_ready(folder)"
+        )
+    return custom
+
+
+def load_medblip_pipeline(model: str | os.PathLike, task: str | None = None, **kwargs: Any) -> Pipeline:
+    """`transformers.pipeline(task, model=model, trust_remote_code=True, **kwargs)` with the default task filled in.
+
+    `transformers.pipeline(model=...)` cannot infer a task when a config registers two custom pipelines, so this
+    picks the one marked `"default_task"` (zero-shot-volume-classification). A local folder is checked first
+    (`check_medblip_folder`), so a missing processor or pipeline file is named instead of failing deep inside
+    transformers. Pass `revision=` (a commit hash) for Hub repositories: their code runs on your machine.
+    """
+    local = Path(model).is_dir()
+    custom = check_medblip_folder(model) if local else custom_pipelines_entry()
+    if task is None:
+        defaults = [name for name, entry in custom.items() if entry.get("default_task")]
+        task = defaults[0] if len(defaults) == 1 else DEFAULT_TASK
+    kwargs.setdefault("trust_remote_code", True)
+    return transformers_pipeline(task, model=str(model), **kwargs)
+
+
+__all__ = [
+    "ZeroShotVolumeClassificationPipeline",
+    "VolumeQuestionAnsweringPipeline",
+    "check_medblip_folder",
+    "load_medblip_pipeline",
+    "make_pipeline_ready",
+    "save_medblip_for_hub",
+]
