@@ -17,14 +17,11 @@ import torch.nn.functional as F
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 from transformers import AddedToken, BatchFeature, GPT2Tokenizer, ProcessorMixin
 from transformers.image_processing_utils import BaseImageProcessor
-from transformers.utils import logging
 
 try:  # optional: DICOM folders are readable only when pydicom is installed
     import pydicom
 except ImportError:  # pragma: no cover - depends on the environment
     pydicom = None
-
-logger = logging.get_logger(__name__)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh")
 
@@ -173,21 +170,23 @@ def _select_volume(data: np.ndarray, volume_index: int | None, num_channels: int
 
 
 def _load_spatial_image(image: Any, volume_index: int | None, num_channels: int, max_voxels: int) -> Volume:
-    """Read a nibabel spatial image (header first, so oversized volumes are refused before decompression)."""
+    """Read a nibabel spatial image. The header is checked first, so oversized volumes and 4D files without a
+    `volume_index` are refused before any decompression; with an index only that volume is read."""
     shape = tuple(int(s) for s in image.shape)
-    _check_voxel_count(shape, max_voxels * (shape[3] if len(shape) > 3 and volume_index is None else 1))
+    if len(shape) < 3:
+        raise VolumeError(f"2D image of shape {shape}; a 3D volume is required")
+    _check_voxel_count(shape[:3], max_voxels)
+    several = len(shape) > 3 and shape[3] > 1
+    if several and volume_index is not None and not -shape[3] <= volume_index < shape[3]:
+        raise VolumeError(f"volume_index={volume_index} is out of range for {shape[3]} volumes")
+    if several and volume_index is None and not (num_channels > 1 and shape[3] == num_channels):
+        raise VolumeError(f"4D image of shape {shape} holds {shape[3]} volumes; pass volume_index= to pick one")
     affine = np.asarray(image.affine, dtype=np.float64)
     try:
-        if len(shape) > 3 and volume_index is not None and shape[3] > 1:
-            data = np.asanyarray(image.dataobj[..., volume_index])
-        else:
-            data = np.asanyarray(image.dataobj)
-    except IndexError as err:
-        raise VolumeError(f"volume_index={volume_index} is out of range for shape {shape}") from err
+        data = np.asanyarray(image.dataobj[:, :, :, volume_index] if several and volume_index is not None else image.dataobj)
     except Exception as err:  # nibabel/zlib/gzip raise many types for damaged files
         raise VolumeError(f"unreadable or truncated image data ({type(err).__name__}: {err})") from err
-    index = None if (len(shape) > 3 and volume_index is not None and shape[3] > 1) else volume_index
-    return Volume(_select_volume(data, index, num_channels), affine)
+    return Volume(_select_volume(data, None, num_channels), affine)
 
 
 def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -206,6 +206,21 @@ def test_array_tensor_nibabel_and_mixed_batch_agree(anatomical_nii):
     # spacing only: an identity-oriented (RAS) array
     out = processor(data, spacing=(2.0, 2.0, 2.0))
     assert out["pixel_values"].shape == (1, 64, 512)
+    # inputs are never modified in place (float32 tensors are used without a copy)
+    tensor = torch.from_numpy(data.astype(np.float32))
+    before = tensor.clone()
+    for options in ({}, dict(target_spacing=None, crop_foreground=False, resize=False, volume_size=(40, 48, 32))):
+        MedBlipImageProcessor(**{**SMALL, **options})(tensor, spacing=(2.0, 2.0, 2.0))
+        assert torch.equal(tensor, before)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import processing_medblip
+
+    failures, attempted = doctest.testmod(processing_medblip, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert attempted >= 3 and failures == 0
 
 
 def test_4d_file_needs_volume_index(tmp_path):
