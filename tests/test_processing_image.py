@@ -223,6 +223,15 @@ def test_docstring_examples_run():
     assert attempted >= 3 and failures == 0
 
 
+def test_mgz_and_nii_copies_agree(tmp_path, anatomical_nii):
+    image = nibabel.load(anatomical_nii)
+    data = np.asarray(image.dataobj).astype(np.float32)
+    mgz = tmp_path / "anatomical.mgz"
+    nibabel.save(nibabel.MGHImage(data, image.affine), str(mgz))
+    out = MedBlipImageProcessor(**SMALL)([anatomical_nii, str(mgz)])["pixel_values"]
+    torch.testing.assert_close(out[1], out[0], rtol=0, atol=1e-6)
+
+
 def test_4d_file_needs_volume_index(tmp_path):
     rng = np.random.default_rng(0)
     data = rng.random((12, 14, 10, 3)).astype(np.float32)
@@ -357,8 +366,9 @@ def test_too_many_voxels_after_resampling():
     dtype=st.sampled_from([np.uint8, np.int16, np.int32, np.float16, np.float32, np.float64, np.bool_]),
     fill=st.sampled_from(["random", "constant", "nan", "inf", "huge"]),
     seed=st.integers(0, 2**16),
+    as_tensor=st.booleans(),
 )
-def test_property_only_volume_errors(shape, spacing, dtype, fill, seed):
+def test_property_only_volume_errors(shape, spacing, dtype, fill, seed, as_tensor):
     rng = np.random.default_rng(seed)
     data = rng.normal(0.0, 100.0, size=shape)
     if fill == "constant":
@@ -371,6 +381,8 @@ def test_property_only_volume_errors(shape, spacing, dtype, fill, seed):
         data *= 1e30
     with np.errstate(invalid="ignore", over="ignore"):
         data = data.astype(dtype)
+    if as_tensor:
+        data = torch.from_numpy(data)
     processor = MedBlipImageProcessor(volume_size=(16, 16, 16), patch_size=(8, 8, 8), max_voxels=64**3)
     try:
         out = processor(data, spacing=spacing, return_volume=True)
