@@ -645,6 +645,8 @@ def _describe(item: Any) -> str:
 
 def _is_single(value: Any, shape: tuple[int, ...]) -> bool:
     """True when `value` is one numeric array of `shape` (not a per-item list)."""
+    if isinstance(value, (list, tuple)) and any(item is None for item in value):
+        return False  # a per-item list such as [None, (1, 1, 1)] or [None, None, None]
     try:
         return np.asarray(value, dtype=np.float64).shape == shape
     except (TypeError, ValueError):
