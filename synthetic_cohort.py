@@ -50,7 +50,7 @@ from scipy import ndimage
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 CLASSES: tuple[str, ...] = ("CN", "MCI", "AD")
 MANIFEST_COLUMNS: tuple[str, ...] = (
     "subject_id", "image_path", "diagnosis", "dataset", "visit", "age", "sex", "education",
@@ -58,7 +58,7 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
 )
 MNI_BRAIN_CENTRE_MM: tuple[float, float, float] = (0.0, -18.0, 8.0)
 COARSE_FACTOR = 4  # velocity grid = 1 mm template grid / 4 (4 mm voxels)
-SQUARING_STEPS = 6
+SQUARING_STEPS = 4  # max |v| < 1 coarse voxel: v / 16 is a small first step
 
 # ---------------------------------------------------------------------------- priors
 

@@ -5,7 +5,10 @@ Three feature sets, each standardised then fed to a multinomial logistic regress
 - ``image_oracle``: ground-truth ``ventricles_ml``, ``hippocampi_ml`` (what a perfect volumetric reader sees);
 - ``image_oracle_age``: the same plus ``age`` (volumes are age-dependent);
 - ``text_floor``: the health-record fields ``age``, ``sex``, ``education``, ``mmse``, ``apoe4``;
-- ``image_and_text``: both.
+- ``image_and_text``: both;
+- ``text_with_cdr``: the text floor plus the CDR global score. The CDR is part of the clinical definition of
+  the classes (CN 0, MCI 0.5, AD >= 0.5), so a health record that shows it nearly gives the answer away;
+  this row shows how much.
 
 Trained on the training rows (the non-held-out sites), scored on the test rows (held-out sites only).
 Missing numeric values are imputed with the training median.
@@ -34,6 +37,7 @@ FEATURE_SETS: dict[str, tuple[str, ...]] = {
     "image_oracle_age": ("ventricles_ml", "hippocampi_ml", "age"),
     "text_floor": ("age", "sex", "education", "mmse", "apoe4"),
     "image_and_text": ("ventricles_ml", "hippocampi_ml", "age", "sex", "education", "mmse", "apoe4"),
+    "text_with_cdr": ("age", "sex", "education", "mmse", "apoe4", "cdr"),
 }
 
 

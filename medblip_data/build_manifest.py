@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from pathlib import Path
 from typing import Sequence
 
 from .adapters import COHORTS, build_manifest, write_manifest

@@ -286,7 +286,7 @@ def test_reference_baselines_on_separable_toy():
                      "apoe4": 0, "dataset": "A" if i < 200 else "B"})
     frame = pd.DataFrame(rows)
     results = reference_baselines(frame[frame.dataset == "A"], frame[frame.dataset == "B"].to_dict("records"))
-    assert set(results) == {"image_oracle", "image_oracle_age", "text_floor", "image_and_text"}
+    assert set(results) == {"image_oracle", "image_oracle_age", "text_floor", "image_and_text"}  # no cdr column
     assert results["image_oracle"]["balanced_accuracy"] > 0.9
     assert results["text_floor"]["balanced_accuracy"] < 0.6
     assert set(results["image_and_text"]) == {"balanced_accuracy", "accuracy", "macro_f1"}
