@@ -28,6 +28,7 @@ the cohort. Everything is deterministic per seed, whatever the number of workers
 Usage::
 
     python synthetic_cohort.py --out data/synthetic --n-per-class 100 --size 64 --seed 0
+    python synthetic_cohort.py --out data/synthetic_long --n-per-class 20 --visits 3   # longitudinal
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import json
 import logging
 import multiprocessing
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
@@ -83,6 +84,8 @@ PRIORS: dict[str, ClassPrior] = {
 }
 EDUCATION_MEAN, EDUCATION_SD = 16.0, 2.7
 AGE_SEVERITY_PER_YEAR = 0.01
+# Severity gained per year of follow-up (longitudinal cohorts, ``visits > 1``); the class is kept fixed.
+PROGRESSION_PER_YEAR: dict[str, float] = {"CN": 0.02, "MCI": 0.10, "AD": 0.20}
 
 # Prescribed log-Jacobian per unit severity (expansion > 0) and per year of age above 73.
 SEVERITY_LOGJAC: dict[str, float] = {"ventricles": 1.3, "hippocampi": -0.65, "amygdalae": -0.6,
@@ -286,6 +289,7 @@ class SubjectSpec:
     cdr: float
     site: str
     seed: int
+    visit_index: int = 0  # 0 = baseline; follow-up k is 12 * k months later
 
 
 def _mmse(severity: float, education: int, rng: np.random.Generator) -> int:
@@ -304,8 +308,13 @@ def _cdr(diagnosis: str, severity: float, rng: np.random.Generator) -> float:
     return 0.5 if score < 0.85 else (1.0 if score < 1.5 else 2.0)
 
 
-def draw_subjects(n_per_class: int, seed: int, sites: Sequence[str]) -> list[SubjectSpec]:
-    """Demographics, severity and scan seeds of ``3 * n_per_class`` subjects, sites balanced per class."""
+def draw_subjects(n_per_class: int, seed: int, sites: Sequence[str], visits: int = 1) -> list[SubjectSpec]:
+    """Demographics, severity and scan seeds of ``3 * n_per_class`` subjects, sites balanced per class.
+
+    With ``visits > 1`` every subject also gets yearly follow-ups (``m12``, ``m24``...): same site and anatomy
+    seed, one year older, severity grown by ``PROGRESSION_PER_YEAR``, MMSE/CDR redrawn. Baselines come first
+    and are identical to those of ``visits=1``.
+    """
     rng = np.random.default_rng(seed)
     scan_seeds = np.random.SeedSequence(seed).generate_state(3 * n_per_class)
     specs: list[SubjectSpec] = []
@@ -326,6 +335,19 @@ def draw_subjects(n_per_class: int, seed: int, sites: Sequence[str]) -> list[Sub
                 education=education, apoe4=apoe4, severity=float(severity),
                 mmse=_mmse(severity, education, rng), cdr=_cdr(diagnosis, severity, rng),
                 site=sites[int(site_order[i])], seed=int(scan_seeds[index])))
+    return specs + _follow_ups(specs, seed, visits)
+
+
+def _follow_ups(baselines: list[SubjectSpec], seed: int, visits: int) -> list[SubjectSpec]:
+    """Yearly follow-up visits of every baseline subject (empty when ``visits == 1``)."""
+    specs = []
+    for k in range(1, visits):
+        rng = np.random.default_rng([seed, k])
+        for base in baselines:
+            severity = base.severity + PROGRESSION_PER_YEAR[base.diagnosis] * k
+            specs.append(replace(base, visit=f"m{12 * k:02d}", visit_index=k, age=round(base.age + k, 1),
+                                 severity=severity, mmse=_mmse(severity, base.education, rng),
+                                 cdr=_cdr(base.diagnosis, severity, rng)))
     return specs
 
 
@@ -452,21 +474,26 @@ def _store(image: np.ndarray, ras_affine: np.ndarray, site: Site) -> nib.Nifti1I
 
 
 def render_subject(spec: SubjectSpec, site: Site, size: int) -> tuple[nib.Nifti1Image, dict[str, float]]:
-    """Image and ground-truth volumes (``ventricles_ml``, ``hippocampi_ml``) of one subject."""
+    """Image and ground-truth volumes (``ventricles_ml``, ``hippocampi_ml``) of one scan.
+
+    The anatomy is drawn from ``spec.seed`` (shared by a subject's visits); scanner pose and noise of a
+    follow-up come from ``(seed, visit_index)``.
+    """
     atlas = load_atlas()
     rng = np.random.default_rng(spec.seed)
     warp = subject_warp(spec, atlas, rng)
     volumes = {"ventricles_ml": structure_volume_ml(atlas.masks["ventricles"], atlas, warp),
                "hippocampi_ml": structure_volume_ml(atlas.masks["hippocampi"], atlas, warp)}
-    return scan(spec, site, size, atlas, warp, rng), volumes
+    scan_rng = rng if spec.visit_index == 0 else np.random.default_rng([spec.seed, spec.visit_index])
+    return scan(spec, site, size, atlas, warp, scan_rng), volumes
 
 
 # ---------------------------------------------------------------------------- cohort
 
 
-def _settings(n_per_class: int, size: int, seed: int, sites: Sequence[Site]) -> dict:
+def _settings(n_per_class: int, size: int, seed: int, sites: Sequence[Site], visits: int) -> dict:
     settings = {"generator_version": GENERATOR_VERSION, "n_per_class": n_per_class, "size": size,
-                "seed": seed, "sites": [asdict(s) for s in sites]}
+                "seed": seed, "visits": visits, "sites": [asdict(s) for s in sites]}
     return json.loads(json.dumps(settings))  # the form it takes when read back from cohort.json
 
 
@@ -504,33 +531,35 @@ def _cohort_is_current(out_dir: Path, settings: dict) -> bool:
 
 
 def generate_cohort(out_dir: str | Path, n_per_class: int = 100, size: int = 64, seed: int = 0,
-                    sites: Sequence[str] | None = None, num_workers: int = 2, progress: bool = True) -> Path:
+                    sites: Sequence[str] | None = None, num_workers: int = 2, progress: bool = True,
+                    visits: int = 1) -> Path:
     """Generate (or reuse) a synthetic cohort in ``out_dir``; returns the path of ``manifest.csv``.
 
     Args:
         out_dir: output folder; images go to ``out_dir/images``.
-        n_per_class: subjects per class (CN, MCI, AD), one baseline scan each.
+        n_per_class: subjects per class (CN, MCI, AD).
         size: nominal grid size per axis (sites scale it by their ``shape_factor``).
         seed: master seed; the same seed gives byte-identical files.
         sites: site names (default ``site_A``..``site_E``); the i-th gets the i-th scanner profile.
         num_workers: processes used for rendering (1 = in-process).
         progress: show a tqdm progress bar.
+        visits: scans per subject (baseline plus yearly follow-ups ``m12``, ``m24``...).
 
     Raises:
-        ValueError: if ``n_per_class`` or ``size`` is not positive, or site names repeat.
+        ValueError: if ``n_per_class``, ``size`` or ``visits`` is out of range, or site names repeat.
     """
-    if n_per_class < 1 or size < 8:
-        raise ValueError(f"need n_per_class >= 1 and size >= 8, got {n_per_class} and {size}")
+    if n_per_class < 1 or size < 8 or visits < 1:
+        raise ValueError(f"need n_per_class >= 1, size >= 8 and visits >= 1; got {n_per_class}, {size}, {visits}")
     out_dir = Path(out_dir)
     site_list = make_sites(sites)
-    settings = _settings(n_per_class, size, seed, site_list)
+    settings = _settings(n_per_class, size, seed, site_list, visits)
     manifest = out_dir / "manifest.csv"
     if _cohort_is_current(out_dir, settings):
         logger.info("reusing synthetic cohort %s (same settings)", out_dir)
         return manifest
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     by_name = {s.name: s for s in site_list}
-    specs = draw_subjects(n_per_class, seed, [s.name for s in site_list])
+    specs = draw_subjects(n_per_class, seed, [s.name for s in site_list], visits)
     jobs = [(spec, by_name[spec.site], size, str(out_dir)) for spec in specs]
     load_atlas()  # built once, inherited by forked workers
     start = time.perf_counter()
@@ -572,7 +601,7 @@ def _pick_examples(rows: list[dict]) -> list[dict]:
         rows = [r for r in rows if r["dataset"] == full_sites[0]]
     picked = []
     for diagnosis in CLASSES:
-        members = [r for r in rows if r["diagnosis"] == diagnosis]
+        members = [r for r in rows if r["diagnosis"] == diagnosis and r["visit"] == "bl"]
         median = float(np.median([float(r["ventricles_ml"]) for r in members]))
         picked.append(min(members, key=lambda r: abs(float(r["ventricles_ml"]) - median)))
     return picked
@@ -628,12 +657,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="master random seed")
     parser.add_argument("--sites", nargs="+", default=None, help="site names (default site_A..site_E)")
     parser.add_argument("--num-workers", type=int, default=2, help="rendering processes")
+    parser.add_argument("--visits", type=int, default=1, help="scans per subject (baseline + yearly follow-ups)")
     parser.add_argument("--figure", default=None, help="also save the example figure to this PNG path")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     manifest = generate_cohort(args.out, args.n_per_class, args.size, args.seed, args.sites,
-                               args.num_workers, progress=not args.no_progress)
+                               args.num_workers, progress=not args.no_progress, visits=args.visits)
     print(f"manifest: {manifest}")
     if args.figure:
         print(f"figure: {make_figure(manifest, args.figure)}")

@@ -112,3 +112,35 @@ def test_rejects_bad_arguments(tmp_path):
         sc.generate_cohort(tmp_path, n_per_class=0)
     with pytest.raises(ValueError, match="unique"):
         sc.make_sites(["a", "a"])
+
+
+def test_follow_up_visits_share_subject_and_progress(tmp_path):
+    """visits=2: same subjects at m12, a year older, same site, ventricles larger and hippocampi smaller."""
+    manifest = sc.generate_cohort(tmp_path, n_per_class=1, size=16, seed=5, num_workers=1, progress=False, visits=2)
+    with manifest.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    by = {(r["subject_id"], r["visit"]): r for r in rows}
+    subjects = {r["subject_id"] for r in rows}
+    assert len(rows) == 6 and {r["visit"] for r in rows} == {"bl", "m12"}
+    for s in subjects:
+        bl, fu = by[(s, "bl")], by[(s, "m12")]
+        assert bl["dataset"] == fu["dataset"] and bl["diagnosis"] == fu["diagnosis"]
+        assert float(fu["age"]) == pytest.approx(float(bl["age"]) + 1)
+        assert float(fu["ventricles_ml"]) > float(bl["ventricles_ml"])
+        assert float(fu["hippocampi_ml"]) < float(bl["hippocampi_ml"])
+    baseline_only = sc.draw_subjects(1, seed=5, sites=sc.DEFAULT_SITES)
+    assert sc.draw_subjects(1, seed=5, sites=sc.DEFAULT_SITES, visits=2)[:3] == baseline_only
+
+
+def test_longitudinal_cohort_splits_by_subject(tmp_path):
+    from medblip_data import check_subject_disjoint, load_corpus
+
+    specs = sc.draw_subjects(6, seed=0, sites=sc.DEFAULT_SITES, visits=3)
+    rows = [sc._manifest_row(s, f"images/{s.subject_id}_{s.visit}.nii.gz", {"ventricles_ml": 1.0,
+                                                                             "hippocampi_ml": 1.0}) for s in specs]
+    sc._write_manifest(tmp_path / "manifest.csv", rows)
+    corpus = load_corpus([tmp_path / "manifest.csv"], holdout_datasets=["site_E"], val_fraction=0.2,
+                         test_fraction=0.2)
+    check_subject_disjoint(corpus)
+    assert set(corpus["zeroshot"]["dataset"]) == {"site_E"}
+    assert sum(len(d) for d in corpus.values()) == 54
