@@ -4,7 +4,6 @@ import os
 from pathlib import Path
 
 import nbformat
-import pytest
 from nbclient import NotebookClient
 
 from conftest import REPO_ROOT
@@ -24,7 +23,6 @@ def test_notebook_is_stored_clean():
         assert needle in source
 
 
-@pytest.mark.slow
 def test_notebook_executes_offline(tmp_path, monkeypatch, minilm_path, anatomical_nii):
     folder = build_tiny_folder(tmp_path / "model", minilm_path)
     monkeypatch.setenv("MEDBLIP_MODEL_DIR", str(folder))
