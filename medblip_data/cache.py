@@ -198,14 +198,18 @@ def _build(dataset: Any, image_processor: Any, folder: Path, key: str, num_proc:
         shutil.rmtree(folder)  # an incomplete earlier attempt (no cache.json)
     folder.mkdir(parents=True)
     shape = _patch_shape(image_processor)
-    mapped = dataset.map(_ScanProcessor(image_processor, image_column, fatal, shape),
-                         features=_features(dataset, shape), num_proc=num_proc if num_proc > 1 else None,
-                         desc="preprocessing scans", load_from_cache_file=False)
+    features = _features(dataset, shape)
+    if len(dataset) == 0:  # map adds no columns to an empty dataset
+        mapped = datasets.Dataset.from_dict({k: [] for k in features}, features=features)
+    else:
+        mapped = dataset.map(_ScanProcessor(image_processor, image_column, fatal, shape), features=features,
+                             num_proc=min(num_proc, len(dataset)) if num_proc > 1 else None,
+                             desc="preprocessing scans", load_from_cache_file=False)
     errors = mapped[ERROR_COLUMN]
     bad = [(p, s, e) for p, s, e in zip(mapped[image_column], _column(mapped, "subject_id"), errors) if e]
     _write_bad_scans(folder / BAD_SCANS_FILE, bad)
     good = mapped.filter(lambda e: e is None, input_columns=ERROR_COLUMN).remove_columns(ERROR_COLUMN)
-    good.save_to_disk(str(folder / "dataset"))
+    good.save_to_disk(str(folder / "dataset"), num_shards=1 if len(good) == 0 else None)  # 0 shards won't load
     meta = {"key": key, "format_version": CACHE_FORMAT_VERSION, "processor": processor_settings(image_processor),
             "rows": len(dataset), "cached": len(good), "bad": len(bad), "pixel_dtype": "float16"}
     (folder / META_FILE).write_text(json.dumps(meta, indent=2))
@@ -234,11 +238,21 @@ def _streaming(dataset: Any, image_processor: Any, folder: Path, fatal: bool, im
     if report.exists():
         report.unlink()
     shape = _patch_shape(image_processor)
+    if len(dataset) == 0:  # to_iterable_dataset refuses an empty dataset
+        import datasets
+
+        features = _features(dataset, shape)
+        del features[ERROR_COLUMN]
+        return datasets.IterableDataset.from_generator(_nothing, features=features)
     iterable = dataset.to_iterable_dataset()
     mapped = iterable.map(_ScanProcessor(image_processor, image_column, fatal, shape, report),
                           features=_features(dataset, shape))
     logger.info("streaming preprocessing of %d scans; bad scans are appended to %s", len(dataset), report)
     return mapped.filter(lambda e: e is None, input_columns=ERROR_COLUMN).remove_columns(ERROR_COLUMN)
+
+
+def _nothing() -> Any:
+    yield from ()
 
 
 def read_bad_scans(cache_folder: str | Path) -> list[dict[str, str]]:

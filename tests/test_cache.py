@@ -102,6 +102,15 @@ def test_dataset_dict_cached_per_split(good_dataset, processor, tmp_path):
     assert {k: len(v) for k, v in cached.items()} == {"train": 2, "test": 1}
 
 
+def test_empty_split_gives_empty_cache(processor, tmp_path):
+    empty = datasets.Dataset.from_dict({"subject_id": [], "image_path": []},
+                                       features=datasets.Features({"subject_id": datasets.Value("string"),
+                                                                   "image_path": datasets.Value("string")}))
+    cached = build_cache(empty, processor, tmp_path / "cache")
+    assert len(cached) == 0 and "pixel_values" in cached.column_names
+    assert list(build_cache(empty, processor, tmp_path / "cache", streaming=True)) == []
+
+
 @pytest.mark.slow
 def test_cache_with_two_processes(good_dataset, processor, tmp_path):
     cached = build_cache(good_dataset, processor, tmp_path / "cache", num_proc=2)
