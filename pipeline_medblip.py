@@ -68,6 +68,7 @@ class _MedBlipPipeline(Pipeline):
                 f"tokenizer files, qformer_tokenizer/); got processor={type(processor).__name__}. Save the "
                 "folder with pipeline_medblip.save_medblip_for_hub(model, processor, folder)."
             )
+        kwargs.pop("local_files_only", None)  # `pipeline()` passes this loading option on to the pipeline class
         super().__init__(*args, **kwargs)
         # Pipeline batching pads `input_ids` on the tokenizer's side; it must be the side the processor pads on.
         self.tokenizer.padding_side = "right" if self.processor.is_encoder_decoder else "left"
@@ -123,6 +124,24 @@ class _MedBlipPipeline(Pipeline):
             )  # (1, Q, N)
         grid = features["patch_grid"][0].tolist()
         return features["volumes"][0], attention[0].mean(dim=0).reshape(grid).float().cpu()
+
+
+    def plot_attention(
+        self, volume: Any, title: str | None = None, path: str | os.PathLike | None = None, spacing: Any = None,
+        affine: Any = None, **plot_kwargs: Any,
+    ) -> Any:
+        """`query_attention` drawn by `plotting_medblip.plot_volume_slices` (axial/coronal/sagittal, radiological
+        orientation, attention overlay); saved as PNG when `path` is given. Returns the matplotlib `Figure`."""
+        try:  # the relative import also makes the Hub loader fetch plotting_medblip.py with this file
+            from .plotting_medblip import plot_volume_slices
+        except ImportError:
+            from plotting_medblip import plot_volume_slices
+        processed, attention = self.query_attention(volume, spacing=spacing, affine=affine)
+        return plot_volume_slices(processed, attention, title=title, path=path, **plot_kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Save a complete pipeline-ready folder (model, processor, pipeline code): `save_medblip_for_hub`."""
+        save_medblip_for_hub(self.model, self.processor, save_directory, **kwargs)
 
 
 class ZeroShotVolumeClassificationPipeline(_MedBlipPipeline):
@@ -269,7 +288,7 @@ def make_pipeline_ready(folder: str | os.PathLike) -> Path:
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["custom_pipelines"] = custom_pipelines_entry()
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    source = Path(__file__).resolve().parent
+    source = Path(__file__).resolve().parent  # the repository, or the Hub loader's module cache
     for name in PIPELINE_FILES:
         if (source / name).resolve() != (folder / name).resolve():
             shutil.copyfile(source / name, folder / name)
@@ -279,6 +298,7 @@ def make_pipeline_ready(folder: str | os.PathLike) -> Path:
 def save_medblip_for_hub(model: Any, processor: Any, folder: str | os.PathLike, **save_kwargs: Any) -> Path:
     """`model.save_pretrained` + `processor.save_pretrained` + `make_pipeline_ready`: a folder that
     `pipeline(task, model=folder, trust_remote_code=True)` loads offline and that can be pushed to the Hub as is."""
+    model.config.custom_pipelines = custom_pipelines_entry()  # kept by a later `model.push_to_hub` too
     model.save_pretrained(folder, **save_kwargs)
     processor.save_pretrained(folder)
     return make_pipeline_ready(folder)

@@ -19,7 +19,7 @@ def test_notebook_is_stored_clean():
     assert code and all(not cell.outputs and cell.execution_count is None for cell in code)
     source = "\n".join(cell.source for cell in code)
     for needle in ("MEDBLIP_MODEL_DIR", "MEDBLIP_VOLUME", "zero-shot-volume-classification",
-                   "volume-question-answering", "plot_volume_slices"):  # fmt: skip
+                   "volume-question-answering", "plot_attention"):  # fmt: skip
         assert needle in source
 
 

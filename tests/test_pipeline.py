@@ -82,6 +82,10 @@ def test_pipelines_load_offline_from_a_fresh_process(tiny_folder, anatomical_nii
         from transformers.dynamic_module_utils import get_class_from_dynamic_module
         load = get_class_from_dynamic_module("pipeline_medblip.load_medblip_pipeline", folder)
         assert load(folder).task == "zero-shot-volume-classification"
+        assert len(classifier.plot_attention(scan, path="view.png").axes) == 4  # plotting came with the pipeline
+        classifier.save_pretrained("resaved")  # from the Hub loader's module cache
+        check = get_class_from_dynamic_module("pipeline_medblip.check_medblip_folder", folder)
+        assert set(check("resaved")) == {{"volume-question-answering", "zero-shot-volume-classification"}}
         print("ok", type(classifier).__module__)
     """)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
@@ -184,7 +188,8 @@ def test_device_argument_and_query_attention(classifier, anatomical_nii):
 def test_default_task_is_picked_by_load_medblip_pipeline(tiny_folder, anatomical_nii):
     classifier = load_medblip_pipeline(tiny_folder, device="cpu")
     assert classifier.task == ZERO_SHOT_TASK and isinstance(classifier(anatomical_nii), list)
-    assert load_medblip_pipeline(tiny_folder, task=VQA_TASK, device="cpu").task == VQA_TASK
+    vqa = load_medblip_pipeline(tiny_folder, task=VQA_TASK, device="cpu", local_files_only=True, revision=None)
+    assert vqa.task == VQA_TASK and isinstance(vqa(anatomical_nii, max_new_tokens=1)[0]["answer"], str)
 
 
 @pytest.mark.parametrize(
