@@ -1,0 +1,193 @@
+"""train.py end to end on the tiny preset and a tiny synthetic cohort: outputs, metrics, resume, DDP, reloading."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+from sklearn import metrics as skm
+
+from conftest import REPO_ROOT
+
+import train
+
+LABELS = ["CN", "MCI", "AD"]
+
+
+def tiny_args(cohort: Path, work: Path, output: Path, *extra: str) -> list[str]:
+    return [
+        "--preset", "tiny", "--manifests", str(cohort / "manifest.csv"), "--cache_dir", str(work / "cache"),
+        "--output_dir", str(output), "--target_spacing", "6", "6", "6", "--batch_size", "4", "--max_steps", "6",
+        "--log_every", "1", "--eval_every", "3", "--save_every", "3", "--keep_last", "2", "--report_to", "none",
+        "--num_proc", "1", "--eval_batch_size", "8", "--max_new_tokens", "4", "--learning_rate", "1e-3", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    from synthetic_cohort import generate_cohort
+
+    folder = tmp_path_factory.mktemp("cohort")
+    generate_cohort(folder, n_per_class=6, size=32, seed=0, num_workers=1)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(cohort, tmp_path_factory) -> tuple[Path, dict]:
+    work = tmp_path_factory.mktemp("run")
+    output = work / "out"
+    results = train.main(tiny_args(cohort, work, output, "--log_predictions", "true"))
+    return output, results
+
+
+def test_training_run_writes_hub_folder_plots_and_card(trained):
+    output, results = trained
+    for name in ("config.json", "model.safetensors", "modeling_medblip.py", "configuration_medblip.py",
+                 "processing_medblip.py", "processor_config.json", "eval_results.json", "learning_curves.png",
+                 "confusion_zeroshot.png", "README.md", "training_config.json"):  # fmt: skip
+        assert (output / name).exists(), name
+    card = (output / "README.md").read_text()
+    assert "Not for clinical use" in card and "library_name: transformers" in card
+    assert "| image_only | likelihood |" in card and "text_floor" in card
+    assert set(results) == {"zeroshot", "test"}
+
+
+def test_eval_results_schema(trained):
+    output, _ = trained
+    results = json.loads((output / "eval_results.json").read_text())
+    assert set(results) == {"likelihood", "generate"}
+    for decoder in results:
+        assert set(results[decoder]) == {"image_text", "image_only", "text_only"}
+        for mode, groups in results[decoder].items():
+            assert "all" in groups and {"site_D", "site_E"} <= set(groups)
+            entry = groups["all"]
+            for key in ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece", "n", "confusion_matrix"):
+                assert key in entry
+            assert np.array(entry["confusion_matrix"]).shape == (3, 3)
+            assert entry["n"] == groups["site_D"]["n"] + groups["site_E"]["n"]
+    assert results["likelihood"]["image_text"]["all"]["ece"] is not None
+
+
+def test_eval_numbers_match_sklearn_on_the_same_predictions(trained):
+    output, _ = trained
+    results = json.loads((output / "eval_results.json").read_text())
+    rows = [json.loads(line) for line in (output / "predictions_zeroshot.jsonl").read_text().splitlines()]
+    for mode in ("image_text", "image_only", "text_only"):
+        selected = [row for row in rows if row["mode"] == mode]
+        truth = [LABELS.index(row["truth"]) for row in selected]
+        predicted = [LABELS.index(row["likelihood"]) for row in selected]
+        probabilities = np.array([row["probabilities"] for row in selected])
+        entry = results["likelihood"][mode]["all"]
+        assert entry["accuracy"] == pytest.approx(skm.accuracy_score(truth, predicted), abs=1e-9)
+        assert entry["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(truth, predicted), abs=1e-9)
+        assert entry["macro_f1"] == pytest.approx(
+            skm.f1_score(truth, predicted, labels=[0, 1, 2], average="macro", zero_division=0), abs=1e-9
+        )
+        auroc = skm.roc_auc_score(truth, probabilities, multi_class="ovr", labels=[0, 1, 2])
+        assert entry["auroc"] == pytest.approx(auroc, abs=1e-9)
+        assert entry["confusion_matrix"] == skm.confusion_matrix(truth, predicted, labels=[0, 1, 2]).tolist()
+
+
+def test_intermediate_checkpoints_hold_trainable_weights_only(trained):
+    output, _ = trained
+    checkpoints = sorted((output / "checkpoints").glob("checkpoint-*"))
+    assert [c.name for c in checkpoints] == ["checkpoint-0000003", "checkpoint-0000006"]
+    assert not list((output / "checkpoints").glob(".tmp-*"))
+    with safe_open(str(checkpoints[-1] / "model.safetensors"), "pt") as weights:
+        keys = set(weights.keys())
+    assert "vision_model.embeddings.patch_embedding.weight" in keys and "query_tokens" in keys
+    assert not any(k.startswith(("language_model.", "vision_model.encoder.")) for k in keys)  # frozen in `tiny`
+
+
+def test_resume_reproduces_the_uninterrupted_loss_sequence(trained, cohort, tmp_path):
+    output, _ = trained
+    uninterrupted = json.loads((output / "training_config.json").read_text())
+    history = {h["step"]: h["loss"] for h in train_history(output)}
+    resumed_output = tmp_path / "resumed"
+    train.main(tiny_args(cohort, tmp_path, resumed_output, "--resume_from_checkpoint",
+                         str(output / "checkpoints" / "checkpoint-0000003"), "--eval_splits", "zeroshot"))  # fmt: skip
+    resumed = {h["step"]: h["loss"] for h in train_history(resumed_output)}
+    assert uninterrupted["train"]["max_steps"] == 6
+    assert [resumed[s] for s in (4, 5, 6)] == [history[s] for s in (4, 5, 6)]  # exact, on CPU
+
+
+def train_history(output: Path) -> list[dict]:
+    """The logged training steps, read back from the TensorBoard-free JSON log of the last checkpoint."""
+    import torch
+
+    checkpoint = sorted((output / "checkpoints").glob("checkpoint-*"))[-1]
+    state_files = sorted(checkpoint.glob("custom_checkpoint_*.pkl"))
+    for path in state_files:
+        state = torch.load(path, weights_only=True)
+        if isinstance(state, dict) and "history" in state:
+            return [h for h in json.loads(state["history"]) if "loss" in h]
+    raise AssertionError(f"no training state in {checkpoint}")
+
+
+def test_saved_folder_loads_in_a_fresh_process(trained, tmp_path):
+    output, _ = trained
+    script = textwrap.dedent(f"""
+        import torch
+        from transformers import AutoModel, AutoProcessor
+        model = AutoModel.from_pretrained({str(output)!r}, trust_remote_code=True)
+        processor = AutoProcessor.from_pretrained({str(output)!r}, trust_remote_code=True)
+        assert type(model).__name__ == "MedBlipForConditionalGeneration"
+        assert type(processor).__name__ == "MedBlipProcessor"
+        inputs = processor(records=[{{"age": 70, "mmse": 29}}], image_slots=False)
+        candidates = processor.candidate_inputs()
+        scores = model.score_candidates(inputs["input_ids"], candidates["candidate_input_ids"],
+            attention_mask=inputs["attention_mask"], candidate_attention_mask=candidates["candidate_attention_mask"])
+        assert scores.shape == (1, 3) and torch.isfinite(scores).all()
+        print("LOADED OK")
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert "LOADED OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_eval_only_on_a_manifest(trained, cohort, tmp_path):
+    output, _ = trained
+    out = tmp_path / "eval"
+    results = train.main([
+        "--eval_only", "--model_name_or_path", str(output), "--eval_manifest", str(cohort / "manifest.csv"),
+        "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache"), "--num_proc", "1", "--report_to", "none",
+        "--max_new_tokens", "3",
+    ])  # fmt: skip
+    saved = json.loads((out / "eval_results.json").read_text())
+    assert saved["likelihood"]["image_text"]["all"]["n"] == 18
+    assert results["generate"]["text_only"]["all"]["n"] == 18
+    assert (out / "confusion_matrices.png").stat().st_size > 1000
+
+
+def test_arguments_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="no_such_flag"):
+        train.parse_arguments(["--no_such_flag", "1"])
+    with pytest.raises(ValueError, match="--push_to_hub needs --hub_model_id"):
+        train.parse_arguments(["--push_to_hub", "true"])
+    with pytest.raises(ValueError, match="--eval_only needs"):
+        train.parse_arguments(["--eval_only", "true"])
+    config = tmp_path / "run.yaml"
+    config.write_text("preset: tiny\nmax_steps: 5\n")
+    model_args, _, train_args = train.parse_arguments([str(config), "--max_steps", "7"])
+    assert (model_args.preset, train_args.max_steps) == ("tiny", 7)
+    config.write_text("preset: tiny\nno_such_key: 1\n")
+    with pytest.raises(ValueError, match="no_such_key"):
+        train.parse_arguments([str(config)])
+
+
+def test_two_process_training_writes_one_checkpoint(cohort, tmp_path):
+    output = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO_ROOT / "train.py"),
+               *tiny_args(cohort, tmp_path, output), "--max_steps", "2", "--save_every", "2", "--batch_size", "2",
+               "--eval_splits", "zeroshot"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert [c.name for c in (output / "checkpoints").glob("checkpoint-*")] == ["checkpoint-0000002"]
+    assert (output / "eval_results.json").exists()
