@@ -16,7 +16,7 @@ ZERO_SHOT_TASK = "zero-shot-volume-classification"
 VQA_TASK = "volume-question-answering"
 DEFAULT_TASK = ZERO_SHOT_TASK
 DEFAULT_CANDIDATE_LABELS = ("CN", "MCI", "AD")
-# Files of the Hub folder that `pipeline(...)` / the plot helper need beside the model, copied by `save_medblip_for_hub`.
+# Code files that `pipeline(...)` and the plots need beside the model; `save_medblip_for_hub` copies them.
 PIPELINE_FILES = ("pipeline_medblip.py", "plotting_medblip.py")
 PROCESSOR_FILES = ("processor_config.json", "tokenizer_config.json")
 MODEL_FILES = ("config.json", "configuration_medblip.py", "modeling_medblip.py", "processing_medblip.py")

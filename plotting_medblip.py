@@ -89,7 +89,7 @@ def plot_volume_slices(
         title: figure title (e.g. the prediction).
         path: where to save a PNG of exactly `figsize * dpi` pixels (None: not saved).
         slice_at: "auto" (attention peak when attention is given, else the centre), "centre", "peak", or voxel
-            indices `(x, y, z)`.
+            indices `(x, y, z)`. The peak is taken over the voxels above the volume's minimum (not the padding).
         channel: which channel of a multi-channel volume to show.
         alpha: opacity of the overlay where the attention is highest.
 
@@ -111,7 +111,12 @@ def plot_volume_slices(
         if slice_at == "peak" and heat is None:
             raise ValueError("slice_at='peak' needs attention")
         use_peak = heat is not None and slice_at in ("auto", "peak") and heat.max() > 0
-        centre = np.unravel_index(int(np.argmax(heat)), data.shape) if use_peak else [s // 2 for s in data.shape]
+        if use_peak:  # the peak inside the anatomy: padding and background (the volume's minimum) are skipped
+            inside = data > data.min()
+            scores = np.where(inside, heat, -1.0) if inside.any() else heat
+            centre = np.unravel_index(int(np.argmax(scores)), data.shape)
+        else:
+            centre = [s // 2 for s in data.shape]
     else:
         centre = [int(i) for i in slice_at]
         if len(centre) != 3 or not all(0 <= i < s for i, s in zip(centre, data.shape)):

@@ -1,4 +1,4 @@
-"""MedBLIP pipelines on a tiny saved folder: remote-code loading, scores, batching, inputs, generation, missing files."""
+"""MedBLIP pipelines on a tiny saved folder: remote code, scores, batching, inputs, generation, missing files."""
 
 import json
 import os

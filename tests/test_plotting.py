@@ -88,3 +88,14 @@ def test_a_left_right_flipped_file_still_shows_the_patient_right_on_the_left(tmp
     axial = np.asarray(figure.axes[0].images[0].get_array())
     rows, cols = np.nonzero(axial > 0.9)
     assert cols.max() < axial.shape[1] // 2 and rows.max() < axial.shape[0] // 2  # right on the left, anterior up
+
+
+def test_the_peak_is_looked_for_inside_the_anatomy_not_in_the_padding():
+    volume = np.zeros((32, 32, 32), dtype=np.float32)
+    volume[8:24, 8:24, 8:24] = 0.5  # the "brain"; the rest is padding
+    attention = np.zeros((4, 4, 4), dtype=np.float32)
+    attention[0, 0, 0] = 1.0  # the strongest attention lies in the padding corner
+    attention[2, 2, 2] = 0.5
+    figure = plot_volume_slices(volume, attention)
+    indices = [int(ax.get_title().split("= ")[1].rstrip(")")) for ax in figure.axes[:3]]
+    assert all(8 <= index < 24 for index in indices)
