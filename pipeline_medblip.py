@@ -125,7 +125,6 @@ class _MedBlipPipeline(Pipeline):
         grid = features["patch_grid"][0].tolist()
         return features["volumes"][0], attention[0].mean(dim=0).reshape(grid).float().cpu()
 
-
     def plot_attention(
         self, volume: Any, title: str | None = None, path: str | os.PathLike | None = None, spacing: Any = None,
         affine: Any = None, **plot_kwargs: Any,

@@ -1,6 +1,5 @@
 """examples/quickstart.ipynb runs top to bottom offline (nbclient) against a tiny saved MedBLIP folder."""
 
-import os
 from pathlib import Path
 
 import nbformat
