@@ -59,6 +59,10 @@ class ModelArguments:
         default_factory=lambda: ["age", "sex", "education", "mmse", "apoe4"],
         metadata={"help": "health-record fields shown to the model (CDR is left out: it defines the label; add notes for free text)"},
     )
+    foreground_threshold: float = field(
+        default=0.25,
+        metadata={"help": "foreground cut (fraction of the intensity range) for the crop; high enough for noisy sites"},
+    )
     target_spacing: list[float] = field(
         default_factory=lambda: [3.0, 3.0, 3.0], metadata={"help": "voxel spacing (mm) before fitting the grid"}
     )
@@ -196,7 +200,8 @@ def bundled_minilm() -> str | None:
 def build_processor(config: MedBlipConfig, model_args: ModelArguments) -> MedBlipProcessor:
     vision = config.vision_config
     image_processor = MedBlipImageProcessor(
-        volume_size=vision.volume_size, patch_size=vision.patch_size, target_spacing=model_args.target_spacing
+        volume_size=vision.volume_size, patch_size=vision.patch_size, target_spacing=model_args.target_spacing,
+        foreground_threshold=model_args.foreground_threshold,
     )
     minilm = bundled_minilm()
     if minilm is None:

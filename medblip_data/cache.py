@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +104,12 @@ class _ScanProcessor:
         self.fatal = fatal
         self.shape = shape
         self.report_path = report_path
+        self.parent_pid = os.getpid()
 
     def __call__(self, example: dict) -> dict:
+        if os.getpid() != self.parent_pid and torch.get_num_threads() > 1:
+            # a forked worker inherits the parent's OpenMP pool in a broken state: a parallel op would hang
+            torch.set_num_threads(1)
         path = str(example[self.image_column])
         try:
             out = self.image_processor(images=[path], return_tensors="np")
