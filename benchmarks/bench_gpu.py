@@ -142,7 +142,7 @@ def attention_terms(config, tokens: dict) -> list[tuple[str, int, int, int, int,
 
 
 def analytic_flops(model: nn.Module, config, args, batch_size: int = 1) -> tuple[float, dict]:
-    """Model FLOPs of one training step per volume at `batch_size`, and a {group: [params, forward, total]} breakdown."""
+    """Model FLOPs of one training step per volume at `batch_size`; {group: [params, forward, total]} breakdown."""
     from transformers.pytorch_utils import Conv1D
 
     tokens = token_counts(config, args)
@@ -269,14 +269,15 @@ def print_flops(model, config, args) -> float:
           f"{'' if not tokens['lm_decoder'] else ' enc + ' + str(tokens['lm_decoder']) + ' dec'}, "
           f"qformer texts {tokens['qformer_texts']}")  # fmt: skip
     print("FLOPs per volume = sum over weight matrices W of 2*|W|*T*(1 fwd + 1 if input grad + 1 if W trainable)"
-          " + sum over attention layers of 4*Tq*Tk*d*(3 if grad flows else 1)"
-          " + 2 itc similarities 2*Q*B*D*3")
+          " + sum over attention layers of 4*Tq*Tk*d*(3 if grad flows, 2.5 first T5 cross-attention,"
+          " 1 if none) + 2 itc similarities 2*Q*B*D*3")
     for group, (count, forward, total) in groups.items():
         print(f"  {group:48s} params {count / 1e6:9.2f} M  fwd {forward / 1e9:9.2f} GFLOP  "
               f"train step {total / 1e9:9.2f} GFLOP")
     print(f"train_step_model_tflop_per_volume: {flops / 1e12:.3f} "
-          f"(6 x all params x tokens would give {6 * parameters * tokens['vision'] / 1e12:.2f}; frozen parts cost 2x "
-          f"forward, not 3x)")  # fmt: skip
+          f"(the crude 6 x all params x {tokens['vision']} vision tokens would give "
+          f"{6 * parameters * tokens['vision'] / 1e12:.2f}; frozen parts cost 2x forward, not 3x, and the LM sees "
+          f"fewer tokens)")  # fmt: skip
     return flops
 
 
