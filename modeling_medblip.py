@@ -396,13 +396,14 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
             query_output, image_tokens, _ = self.get_image_features(pixel_values, patch_grid)
         # step 2: contrastive losses in the Q-Former space
         loss_itc_text = loss_itc_answer = logits_per_image = None
-        if query_output is not None and qformer_input_ids is not None:
+        # a term with weight 0 is not computed at all (the Q-Former text passes are a large share of a step)
+        if query_output is not None and qformer_input_ids is not None and self.config.loss_weight_itc_text > 0:
             logits_per_image = self._image_text_similarity(
                 query_output, self.get_text_features(qformer_input_ids, qformer_attention_mask)
             )
             loss_itc_text = self._contrastive_loss(logits_per_image, torch.eye(len(query_output), dtype=torch.bool,
                                                                                 device=query_output.device))
-        if query_output is not None and qformer_answer_input_ids is not None:
+        if query_output is not None and qformer_answer_input_ids is not None and self.config.loss_weight_itc_answer > 0:
             similarity = self._image_text_similarity(
                 query_output, self.get_text_features(qformer_answer_input_ids, qformer_answer_attention_mask)
             )
@@ -484,8 +485,9 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
     ) -> torch.Tensor:
         """Log-likelihood of each candidate answer after each prompt, `(batch_size, num_candidates)`.
 
-        Each volume is encoded once; the K candidates (`(K, candidate_length)`, right-padded, ending with the end
-        token) are scored in one LM pass over `batch_size * K` sequences. Summed token log-probabilities.
+        Each volume is encoded once and each prompt runs through the LM once: a decoder-only LM reuses the prompt's
+        key/value cache for the K candidates (`(K, candidate_length)`, right-padded, ending with the end token), an
+        encoder-decoder LM reuses the encoder output. Returns summed token log-probabilities.
         """
         batch_size, num_candidates = input_ids.shape[0], candidate_input_ids.shape[0]
         if attention_mask is None:
@@ -493,23 +495,29 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
         if candidate_attention_mask is None:
             candidate_attention_mask = torch.ones_like(candidate_input_ids)
         inputs_embeds = self._embed_prompt(input_ids, pixel_values, patch_grid)
-        # (B, ...) -> (B*K, ...), candidate-major inside each prompt
-        inputs_embeds = inputs_embeds.repeat_interleave(num_candidates, dim=0)
-        attention_mask = attention_mask.repeat_interleave(num_candidates, dim=0)
+        # rows (B*K, ...) are prompt-major: row b*K + k is prompt b with candidate k
         targets = candidate_input_ids.repeat(batch_size, 1)  # (B*K, Lc)
         target_mask = candidate_attention_mask.repeat(batch_size, 1)
+        expanded_mask = attention_mask.repeat_interleave(num_candidates, dim=0)
         if self.config.use_decoder_only_language_model:
-            candidate_embeds = self.get_input_embeddings()(targets)
-            lm_outputs = self._decoder_only_lm(
-                torch.cat([inputs_embeds, candidate_embeds], dim=1), torch.cat([attention_mask, target_mask], dim=1)
-            )
-            prompt_length = input_ids.shape[1]
-            # the logit at position t predicts token t + 1
-            logits = lm_outputs.logits[:, prompt_length - 1 : -1]
+            prompt = self._decoder_only_lm(inputs_embeds, attention_mask, use_cache=True, logits_to_keep=1)
+            cache = prompt.past_key_values
+            cache.batch_repeat_interleave(num_candidates)
+            full_mask = torch.cat([expanded_mask, target_mask], dim=1)
+            position_ids = (full_mask.long().cumsum(-1) - 1).clamp(min=0)[:, input_ids.shape[1] :]
+            continuation = self.language_model(
+                inputs_embeds=self.get_input_embeddings()(targets), attention_mask=full_mask,
+                position_ids=position_ids, past_key_values=cache, use_cache=True,
+            )  # fmt: skip
+            # the prompt's last logit predicts candidate token 0, candidate position t predicts token t + 1
+            first = prompt.logits[:, -1:].repeat_interleave(num_candidates, dim=0)
+            logits = torch.cat([first, continuation.logits[:, :-1]], dim=1)
         else:
+            encoder_outputs = self.language_model.get_encoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+            hidden = encoder_outputs.last_hidden_state.repeat_interleave(num_candidates, dim=0)
             decoder_input_ids = self.language_model._shift_right(targets.masked_fill(target_mask == 0, -100))
             logits = self.language_model(
-                inputs_embeds=inputs_embeds, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids
+                encoder_outputs=(hidden,), attention_mask=expanded_mask, decoder_input_ids=decoder_input_ids
             ).logits
         token_log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         return (token_log_probs * target_mask).sum(dim=-1).view(batch_size, num_candidates)

@@ -937,6 +937,10 @@ def normalize_diagnosis(raw: str | float | int) -> str:
     if not isinstance(raw, str):
         raise ValueError(f"unknown diagnosis label {raw!r}: expected a string or a CDR score")
     key = _normalise_text(raw)
+    try:  # a CDR score read from a text column ("0.5")
+        return CDR_TABLE[float(key)]
+    except (ValueError, KeyError):
+        pass
     if key.startswith("cdr "):
         try:
             key = f"cdr {float(key[4:]):g}"

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import sys
 import time
@@ -54,6 +55,9 @@ class ModelArguments:
     freeze_vision_encoder: bool | None = field(default=None, metadata={"help": "override the preset's ViT freezing"})
     freeze_language_model: bool | None = field(default=None, metadata={"help": "override the preset's LM freezing"})
     lora_rank: int | None = field(default=None, metadata={"help": "LoRA rank on the LM (0 = off); needs peft"})
+    record_dropout: float = field(
+        default=0.3, metadata={"help": "probability of withholding a training prompt's health record (image-only)"}
+    )
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     record_fields: list[str] = field(
         default_factory=lambda: ["age", "sex", "education", "mmse", "apoe4"],
@@ -64,7 +68,7 @@ class ModelArguments:
         metadata={"help": "foreground cut (fraction of the intensity range) for the crop; high enough for noisy sites"},
     )
     target_spacing: list[float] = field(
-        default_factory=lambda: [3.0, 3.0, 3.0], metadata={"help": "voxel spacing (mm) before fitting the grid"}
+        default_factory=lambda: [6.0, 6.0, 6.0], metadata={"help": "voxel spacing (mm) before fitting the grid"}
     )
 
 
@@ -95,18 +99,18 @@ class TrainArguments:
     output_dir: str = field(default="outputs/medblip-small-synthetic", metadata={"help": "run and Hub folder"})
     eval_only: bool = field(default=False, metadata={"help": "only evaluate --model_name_or_path"})
     model_name_or_path: str | None = field(default=None, metadata={"help": "trained MedBLIP folder (--eval_only)"})
-    max_steps: int = field(default=300, metadata={"help": "optimizer steps"})
+    max_steps: int = field(default=800, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=16, metadata={"help": "volumes per process per micro-batch"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    learning_rate: float = field(default=3e-4, metadata={"help": "peak AdamW learning rate"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay (matrices only)"})
     warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of steps of linear warmup"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
     mixed_precision: str = field(default="no", metadata={"help": "'no', 'bf16' or 'fp16'"})
     seed: int = field(default=0, metadata={"help": "seed of model init, data order and dropout"})
     log_every: int = field(default=10, metadata={"help": "steps between log lines"})
-    eval_every: int = field(default=100, metadata={"help": "steps between validation runs (0 = only at the end)"})
-    save_every: int = field(default=100, metadata={"help": "steps between checkpoints (0 = only at the end)"})
+    eval_every: int = field(default=200, metadata={"help": "steps between validation runs (0 = only at the end)"})
+    save_every: int = field(default=200, metadata={"help": "steps between checkpoints (0 = only at the end)"})
     keep_last: int = field(default=2, metadata={"help": "checkpoints kept"})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder"})
     report_to: str = field(default="tensorboard", metadata={"help": "Accelerate tracker ('tensorboard' or 'none')"})
@@ -146,13 +150,28 @@ def record_of(row: dict, fields: list[str]) -> dict:
     return {key: row.get(key) for key in fields}
 
 
-def make_collate(processor: MedBlipProcessor, record_fields: list[str], mode: str = "image_text", labels: bool = True):
-    """Rows of the patch cache -> model inputs. `mode` withholds the record (image_only) or the image (text_only)."""
+def make_collate(
+    processor: MedBlipProcessor,
+    record_fields: list[str],
+    mode: str = "image_text",
+    labels: bool = True,
+    record_dropout: float = 0.0,
+):
+    """Rows of the patch cache -> model inputs. `mode` withholds the record (image_only) or the image (text_only).
+
+    `record_dropout` withholds each LM prompt's record with that probability (the Q-Former still sees it for the
+    contrastive loss), so the LM must also answer from the image alone. Draws use Python's `random`, whose state
+    Accelerate checkpoints, so a resumed run drops the same records.
+    """
 
     def collate(rows: list[dict]) -> dict:
         records = [None if mode == "image_only" else record_of(row, record_fields) for row in rows]
         diagnoses = [row["diagnosis"] for row in rows] if labels else None
         batch = dict(processor(records=records, diagnoses=diagnoses, image_slots=mode != "text_only"))
+        if record_dropout > 0:
+            kept = [None if random.random() < record_dropout else record for record in records]
+            prompts = processor(records=kept, diagnoses=diagnoses, image_slots=mode != "text_only")
+            batch.update({k: prompts[k] for k in ("input_ids", "attention_mask", "labels") if k in prompts})
         if mode != "text_only":
             batch["pixel_values"] = torch.stack([torch.as_tensor(np.asarray(row["pixel_values"])) for row in rows])
             batch["patch_grid"] = torch.as_tensor(np.stack([row["patch_grid"] for row in rows]), dtype=torch.long)
@@ -557,7 +576,7 @@ def main(argv: list[str] | None = None) -> dict:
     snapshot["data"]["manifests"] = manifests
     train_loader = torch.utils.data.DataLoader(
         cached["train"], batch_size=train_args.batch_size, shuffle=True, drop_last=True,
-        collate_fn=make_collate(processor, model_args.record_fields),
+        collate_fn=make_collate(processor, model_args.record_fields, record_dropout=model_args.record_dropout),
         generator=torch.Generator().manual_seed(train_args.seed),  # own RNG: resuming leaves dropout's stream intact
     )  # fmt: skip
     if len(train_loader) == 0:

@@ -35,6 +35,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from processing_medblip import DIAGNOSIS_TABLE, normalize_diagnosis  # one label table for corpus and processor
+
 logger = logging.getLogger(__name__)
 
 CLASSES: tuple[str, ...] = ("CN", "MCI", "AD")
@@ -45,17 +47,6 @@ TEXT_COLUMNS: tuple[str, ...] = ("subject_id", "image_path", "diagnosis", "datas
 NUMERIC_COLUMNS: tuple[str, ...] = ("age", "education", "mmse", "cdr", "apoe4")
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 
-# Raw label (lower-case, single spaces) -> class. Explicit on purpose: no substring matching.
-# OASIS-2 "Converted" is deliberately absent: its class depends on the visit (use the CDR instead).
-DIAGNOSIS_TABLE: dict[str, str] = {
-    **dict.fromkeys(["cn", "nc", "hc", "control", "normal", "normal control", "healthy control",
-                     "cognitively normal", "nondemented", "non-demented", "not demented", "smc",
-                     "cdr 0", "0", "0.0"], "CN"),
-    **dict.fromkeys(["mci", "emci", "lmci", "mild cognitive impairment", "mild cognitive impairment (mci)",
-                     "cdr 0.5", "0.5"], "MCI"),
-    **dict.fromkeys(["ad", "dementia", "demented", "alzheimer's disease", "alzheimers disease",
-                     "alzheimer disease", "cdr 1", "cdr 2", "cdr 3", "1", "1.0", "2", "2.0", "3", "3.0"], "AD"),
-}
 SEX_TABLE: dict[str, str] = {"f": "F", "female": "F", "woman": "F", "m": "M", "male": "M", "man": "M"}
 
 
@@ -64,25 +55,6 @@ class ManifestError(ValueError):
 
 
 # ---------------------------------------------------------------------------- reading
-
-
-def normalize_diagnosis(raw: Any) -> str:
-    """Map a raw label to CN/MCI/AD through ``DIAGNOSIS_TABLE`` (numbers are CDR global scores).
-
-    Raises:
-        ValueError: the label is missing or not in the table (the message names it).
-    """
-    if raw is None or (isinstance(raw, float) and math.isnan(raw)):
-        raise ValueError("missing diagnosis label")
-    key = " ".join(str(raw).strip().lower().split())
-    if key.startswith("cdr "):
-        try:
-            key = f"cdr {float(key[4:]):g}"
-        except ValueError:
-            pass
-    if key not in DIAGNOSIS_TABLE:
-        raise ValueError(f"unknown diagnosis label {raw!r}; known: {sorted(set(DIAGNOSIS_TABLE))}")
-    return DIAGNOSIS_TABLE[key]
 
 
 def _read_table(path: Path) -> pd.DataFrame:

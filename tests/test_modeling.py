@@ -97,6 +97,15 @@ def test_logits_to_keep_gives_the_same_lm_loss():
     torch.testing.assert_close(kept.logits, full.logits[:, -4:])
 
 
+def test_contrastive_terms_with_zero_weight_are_not_computed():
+    config = tiny_config(loss_weight_itc_text=0.0)
+    model = build(config).eval()
+    with torch.no_grad():
+        output = model(**make_batch(config))
+    assert output.loss_itc_text is None and output.logits_per_image is None
+    torch.testing.assert_close(output.loss, output.loss_lm + output.loss_itc_answer)
+
+
 def test_gradients_reach_trainable_parts_and_never_frozen_ones():
     config = tiny_config()
     model = build(config).train()
