@@ -99,7 +99,7 @@ class TrainArguments:
     output_dir: str = field(default="outputs/medblip-small-synthetic", metadata={"help": "run and Hub folder"})
     eval_only: bool = field(default=False, metadata={"help": "only evaluate --model_name_or_path"})
     model_name_or_path: str | None = field(default=None, metadata={"help": "trained MedBLIP folder (--eval_only)"})
-    max_steps: int = field(default=800, metadata={"help": "optimizer steps"})
+    max_steps: int = field(default=600, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=16, metadata={"help": "volumes per process per micro-batch"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     learning_rate: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
@@ -109,7 +109,10 @@ class TrainArguments:
     mixed_precision: str = field(default="no", metadata={"help": "'no', 'bf16' or 'fp16'"})
     seed: int = field(default=0, metadata={"help": "seed of model init, data order and dropout"})
     log_every: int = field(default=10, metadata={"help": "steps between log lines"})
-    eval_every: int = field(default=200, metadata={"help": "steps between validation runs (0 = only at the end)"})
+    eval_every: int = field(default=100, metadata={"help": "steps between validation runs (0 = only at the end)"})
+    load_best_model_at_end: bool = field(
+        default=True, metadata={"help": "end with the weights of the best validation step (likelihood, image+text)"}
+    )
     save_every: int = field(default=200, metadata={"help": "steps between checkpoints (0 = only at the end)"})
     keep_last: int = field(default=2, metadata={"help": "checkpoints kept"})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder"})
@@ -611,6 +614,8 @@ def main(argv: list[str] | None = None) -> dict:
         unwrapped.train()
         return results["likelihood"]["image_text"]["all"]["balanced_accuracy"]
 
+    best = {"score": -1.0, "step": None, "weights": None}
+
     # -------------------------------------------------------------------- training loop
     batches_per_epoch = len(train_loader)
     progress = tqdm(total=train_args.max_steps, initial=state.step, disable=not accelerator.is_main_process,
@@ -648,6 +653,9 @@ def main(argv: list[str] | None = None) -> dict:
                 window_start, window_volumes = time.time(), 0
             if train_args.eval_every and state.step % train_args.eval_every == 0 and accelerator.is_main_process:
                 score = validate()
+                if score > best["score"]:  # trainable weights only: frozen ones never change
+                    best.update(score=score, step=state.step, weights={
+                        n: p.detach().clone() for n, p in unwrapped.named_parameters() if p.requires_grad})
                 state.history.append({"step": state.step, "val_balanced_accuracy": score})
                 accelerator.log({"val_balanced_accuracy": score}, step=state.step)
                 logger.info("step %d validation balanced accuracy (likelihood, image+text) %.3f", state.step, score)
@@ -663,6 +671,10 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator.wait_for_everyone()
     results_by_split = {}
     if accelerator.is_main_process:
+        if train_args.load_best_model_at_end and best["weights"] is not None:
+            unwrapped.load_state_dict(best["weights"], strict=False)
+            logger.info("loaded the weights of step %d (validation balanced accuracy %.3f)", best["step"], best["score"])
+            snapshot["best_step"] = best["step"]
         unwrapped.eval()
         baselines = reference_baselines(corpus, train_args.eval_splits)
         for split in train_args.eval_splits:
