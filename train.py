@@ -159,12 +159,15 @@ def make_collate(
     mode: str = "image_text",
     labels: bool = True,
     record_dropout: float = 0.0,
+    seed: int = 0,
 ):
     """Rows of the patch cache -> model inputs. `mode` withholds the record (image_only) or the image (text_only).
 
     `record_dropout` withholds each LM prompt's record with that probability (the Q-Former still sees it for the
-    contrastive loss), so the LM must also answer from the image alone. Draws use Python's `random`, whose state
-    Accelerate checkpoints, so a resumed run drops the same records.
+    contrastive loss), so the LM must also answer from the image alone. Each draw is a function of (seed, epoch,
+    image path), never of a global RNG state: the loader collates one batch ahead, so a checkpoint's RNG state
+    would already include the next batch's draws and a resumed run would drop other records. The training loop
+    sets `collate.epoch`.
     """
 
     def collate(rows: list[dict]) -> dict:
@@ -172,7 +175,8 @@ def make_collate(
         diagnoses = [row["diagnosis"] for row in rows] if labels else None
         batch = dict(processor(records=records, diagnoses=diagnoses, image_slots=mode != "text_only"))
         if record_dropout > 0:
-            kept = [None if random.random() < record_dropout else record for record in records]
+            draws = [random.Random(f"{seed}:{collate.epoch}:{row['image_path']}").random() for row in rows]
+            kept = [None if draw < record_dropout else record for draw, record in zip(draws, records)]
             prompts = processor(records=kept, diagnoses=diagnoses, image_slots=mode != "text_only")
             batch.update({k: prompts[k] for k in ("input_ids", "attention_mask", "labels") if k in prompts})
         if mode != "text_only":
@@ -180,6 +184,7 @@ def make_collate(
             batch["patch_grid"] = torch.as_tensor(np.stack([row["patch_grid"] for row in rows]), dtype=torch.long)
         return batch
 
+    collate.epoch = 0
     return collate
 
 
@@ -579,7 +584,8 @@ def main(argv: list[str] | None = None) -> dict:
     snapshot["data"]["manifests"] = manifests
     train_loader = torch.utils.data.DataLoader(
         cached["train"], batch_size=train_args.batch_size, shuffle=True, drop_last=True,
-        collate_fn=make_collate(processor, model_args.record_fields, record_dropout=model_args.record_dropout),
+        collate_fn=make_collate(processor, model_args.record_fields, record_dropout=model_args.record_dropout,
+                                seed=train_args.seed),
         generator=torch.Generator().manual_seed(train_args.seed),  # own RNG: resuming leaves dropout's stream intact
     )  # fmt: skip
     if len(train_loader) == 0:
@@ -626,6 +632,7 @@ def main(argv: list[str] | None = None) -> dict:
         batches_done = state.step * train_args.gradient_accumulation_steps
         epoch, skip = divmod(batches_done, batches_per_epoch)
         train_loader.set_epoch(epoch)
+        train_loader.collate_fn.epoch = epoch
         loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
         for batch in loader:
             with accelerator.accumulate(model):
