@@ -12,7 +12,6 @@ training loop -> final evaluation, model card and Hub folder.
 
 import json
 import logging
-import math
 import os
 import random
 import shutil

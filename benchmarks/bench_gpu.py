@@ -29,7 +29,6 @@ import statistics
 import sys
 import time
 import warnings
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch

@@ -13,7 +13,6 @@ reference)`, each the median of interleaved timed runs after warm-up, both model
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 import warnings

@@ -35,7 +35,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from processing_medblip import DIAGNOSIS_TABLE, normalize_diagnosis  # one label table for corpus and processor
+from processing_medblip import DIAGNOSIS_TABLE, normalize_diagnosis  # noqa: F401 (one label table, re-exported)
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from configuration_medblip import MedBlipConfig
 from modeling_medblip import MedBlipForConditionalGeneration, inflate_patch_embedding
 
-from conftest import REPO_ROOT
 
 TINY_T5 = {
     "model_type": "t5", "vocab_size": 512, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2,
