@@ -125,6 +125,13 @@ class AdapterResult:
         if record is not None:
             self.records.append({**record, "_excluded": reason})
 
+    def add(self, record: dict, label: str | None, reason_if_unlabelled: str) -> None:
+        """Keep a labelled record; count an unlabelled one as excluded for the given reason."""
+        if label is None:
+            self.exclude(reason_if_unlabelled, record)
+        else:
+            self.records.append(record)
+
 
 # ---------------------------------------------------------------------------- cohorts
 
@@ -146,10 +153,7 @@ def adni_records(table: pd.DataFrame, dataset: str = "ADNI") -> AdapterResult:
             education=_number(r["PTEDUCAT"]), mmse=_number(r["MMSE"], low=0, high=30),
             apoe4=_number(r["APOE4"], low=0, high=2),
             cdrsb=_number(r.get("CDRSB")) if "CDRSB" in table.columns else None)
-        if label is None:
-            result.exclude("no diagnosis (DX/DX_bl)", record)
-        else:
-            result.records.append(record)
+        result.add(record, label, "no diagnosis (DX/DX_bl)")
     return result
 
 
@@ -176,10 +180,7 @@ def oasis1_records(table: pd.DataFrame, dataset: str = "OASIS-1") -> AdapterResu
             age=_number(r["Age"]), sex=_sex(r["M/F"]),
             education=None if educ is None else OASIS1_EDUCATION_YEARS.get(int(educ)),
             mmse=_number(r["MMSE"], low=0, high=30), cdr=cdr)
-        if label is None:
-            result.exclude("no CDR (unlabelled)", record)
-        else:
-            result.records.append(record)
+        result.add(record, label, "no CDR (unlabelled)")
     return result
 
 
@@ -194,10 +195,7 @@ def oasis2_records(table: pd.DataFrame, dataset: str = "OASIS-2") -> AdapterResu
             dataset, str(r["Subject ID"]).strip(), mri_id.rsplit("_", 1)[-1], label, str(r["Subject ID"]).strip(),
             [mri_id], age=_number(r["Age"]), sex=_sex(r["M/F"]), education=_number(r["EDUC"]),
             mmse=_number(r["MMSE"], low=0, high=30), cdr=_number(r["CDR"]), oasis_group=_text(r["Group"]))
-        if label is None:
-            result.exclude("no CDR (unlabelled)", record)
-        else:
-            result.records.append(record)
+        result.add(record, label, "no CDR (unlabelled)")
     return result
 
 
@@ -215,10 +213,7 @@ def nacc_records(table: pd.DataFrame, dataset: str = "NACC") -> AdapterResult:
             age=_number(r["NACCAGE"], (-4.0,), 18, 120), sex=_sex(r["SEX"], {"1": "M", "2": "F"}),
             education=_number(r["EDUC"], (-4.0, 99.0), 0, 36),
             mmse=_number(r["NACCMMSE"], MISSING_CODES, 0, 30), naccudsd=None if code is None else int(code))
-        if label is None:
-            result.exclude("NACCUDSD 2 (impaired, not MCI)" if code == 2 else "NACCUDSD missing or unknown", record)
-        else:
-            result.records.append(record)
+        result.add(record, label, "NACCUDSD 2 (impaired, not MCI)" if code == 2 else "NACCUDSD missing or unknown")
     return result
 
 
@@ -242,10 +237,7 @@ def aibl_records(table: pd.DataFrame, dataset: str = "AIBL") -> AdapterResult:
             dataset, rid, _text(r["VISCODE"]), label, f"AIBL_{rid}",
             [_text(r["VISCODE"]), *dates], age=age, sex=_sex(r.get("PTGENDER"), {"1": "M", "2": "F"}),
             mmse=_number(r.get("MMSCORE"), MISSING_CODES, 0, 30))
-        if label is None:
-            result.exclude("DXCURREN missing or unknown", record)
-        else:
-            result.records.append(record)
+        result.add(record, label, "DXCURREN missing or unknown")
     return result
 
 
