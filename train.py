@@ -318,6 +318,8 @@ def evaluate_dataset(model, processor, dataset, record_fields, batch_size, max_n
     """{decoder: {mode: {"all" | dataset name: metrics}}} plus per-volume predictions."""
     truth = np.array([LABELS.index(normalize_diagnosis(d)) for d in dataset["diagnosis"]])
     cohorts = np.array(dataset["dataset"])
+    subjects = dataset["subject_id"]  # one column read, not a row (with its patches) per volume and mode
+    groups = {"all": np.ones(len(truth), dtype=bool)} | {name: cohorts == name for name in sorted(set(cohorts))}
     results = {decoder: {} for decoder in DECODERS}
     predictions = []
     for mode in MODES:
@@ -328,7 +330,6 @@ def evaluate_dataset(model, processor, dataset, record_fields, batch_size, max_n
             "generate": (np.array([LABELS.index(label) if label else -1 for label in mapped]), None),
         }
         for decoder, (predicted, scores) in per_decoder.items():
-            groups = {"all": np.ones(len(truth), dtype=bool)} | {name: cohorts == name for name in sorted(set(cohorts))}
             results[decoder][mode] = {
                 name: metric.compute(
                     predictions=predicted[mask].tolist(), references=truth[mask].tolist(),
@@ -338,7 +339,7 @@ def evaluate_dataset(model, processor, dataset, record_fields, batch_size, max_n
             }  # fmt: skip
         for i in range(len(truth)):
             predictions.append({
-                "subject_id": dataset[i]["subject_id"], "dataset": cohorts[i], "mode": mode, "truth": LABELS[truth[i]],
+                "subject_id": subjects[i], "dataset": cohorts[i], "mode": mode, "truth": LABELS[truth[i]],
                 "likelihood": LABELS[int(per_decoder["likelihood"][0][i])],
                 "probabilities": output["probabilities"][i].tolist(), "generated": output["generated"][i],
             })  # fmt: skip
