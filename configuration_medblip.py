@@ -200,9 +200,10 @@ PRESETS: dict[str, dict] = {
     },
     # The CPU default of `python train.py`: Q-Former shaped like all-MiniLM-L6-v2 (initialised from its real
     # weights by train.py), a ViT and a small GPT-2 trained from scratch since no pretrained 3D weights exist here.
-    # The contrastive terms are off: on a few hundred near-identical synthetic brains they sit at the uniform
-    # solution (loss = ln(batch size) throughout, also with the answer side detached) while their Q-Former text
-    # passes cost ~40% of a step.
+    # The image-answer contrastive term is what teaches the image path: with the LM loss alone the LM learns the
+    # health record first and then ignores the image tokens (image-only answers stayed one class for 600 steps).
+    # The image-text term is off: on a few hundred near-identical synthetic brains it stays at the uniform
+    # solution (loss = ln(batch size)) while its Q-Former pass over the record costs ~30% of a step.
     "small": {
         "vision_config": {"volume_size": [32, 32, 32], "patch_size": [8, 8, 8], "hidden_size": 192,
                           "intermediate_size": 768, "num_hidden_layers": 2, "num_attention_heads": 3},
@@ -213,7 +214,7 @@ PRESETS: dict[str, dict] = {
                            "layer_norm_eps": 1e-12, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
         "text_config": _gpt2(256, 4, 4, n_positions=512),
         "num_query_tokens": 8, "image_token_index": GPT2_IMAGE_TOKEN_ID, "image_text_hidden_size": 128,
-        "loss_weight_itc_text": 0.0, "loss_weight_itc_answer": 0.0,
+        "loss_weight_itc_text": 0.0, "loss_weight_itc_answer": 1.0,
         "freeze_vision_encoder": False, "freeze_language_model": False, "id2label": DIAGNOSIS_LABELS,
     },
     # The paper: EVA ViT-g, BERT-base Q-Former, 32 queries, FLAN-T5-XL (image token appended after T5's 32100).

@@ -299,14 +299,23 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
         return attention[:, :, 1:]
 
     def get_placeholder_mask(self, input_ids: torch.LongTensor, num_images: int) -> torch.Tensor:
-        """Boolean mask `(B, L)` of `<image>` tokens; each row must hold exactly `num_query_tokens` of them."""
+        """Boolean mask `(B, L)` of `<image>` tokens.
+
+        Without volumes no row may hold one. With volumes each row holds `num_query_tokens` of them, or none: that
+        row's volume is withheld from the LM (training with `image_dropout`; the contrastive terms still use it).
+        """
         mask = input_ids == self.config.image_token_index
         counts = mask.sum(dim=1)
-        expected = self.config.num_query_tokens if num_images else 0
-        if (counts != expected).any():
+        expected = self.config.num_query_tokens
+        if num_images and ((counts != expected) & (counts != 0)).any():
             raise ValueError(
-                f"each prompt needs exactly {expected} <image> tokens (id {self.config.image_token_index}) "
-                f"{'for its volume' if num_images else 'when no volume is given'}, got {counts.tolist()}"
+                f"each prompt needs exactly {expected} <image> tokens (id {self.config.image_token_index}) for its "
+                f"volume, or 0 to withhold it, got {counts.tolist()}"
+            )
+        if not num_images and (counts != 0).any():
+            raise ValueError(
+                f"each prompt needs exactly 0 <image> tokens (id {self.config.image_token_index}) when no volume is "
+                f"given, got {counts.tolist()}"
             )
         return mask
 
@@ -325,7 +334,8 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
         inputs_embeds = self.get_input_embeddings()(safe_ids)
         if image_tokens is not None:
             image_tokens = image_tokens.to(inputs_embeds.device, inputs_embeds.dtype)
-            inputs_embeds = inputs_embeds.masked_scatter(mask.unsqueeze(-1), image_tokens)
+            shown = mask.any(dim=1)  # rows whose volume is withheld take no image tokens
+            inputs_embeds = inputs_embeds.masked_scatter(mask.unsqueeze(-1), image_tokens[shown])
         return inputs_embeds
 
     def _decoder_only_lm(self, inputs_embeds, attention_mask, **kwargs):
@@ -404,11 +414,16 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
             loss_itc_text = self._contrastive_loss(logits_per_image, torch.eye(len(query_output), dtype=torch.bool,
                                                                                 device=query_output.device))
         if query_output is not None and qformer_answer_input_ids is not None and self.config.loss_weight_itc_answer > 0:
-            similarity = self._image_text_similarity(
-                query_output, self.get_text_features(qformer_answer_input_ids, qformer_answer_attention_mask)
-            )
-            same_answer = (qformer_answer_input_ids[:, None, :] == qformer_answer_input_ids[None, :, :]).all(-1)
-            loss_itc_answer = self._contrastive_loss(similarity, same_answer)
+            # a batch holds a few distinct answers: encode each once, then gather one row per volume
+            answer_mask = qformer_answer_attention_mask
+            if answer_mask is None:
+                answer_mask = torch.ones_like(qformer_answer_input_ids)
+            answers = torch.cat([qformer_answer_input_ids, answer_mask.to(qformer_answer_input_ids)], 1)
+            distinct, answer_index = torch.unique(answers, dim=0, return_inverse=True)
+            length = qformer_answer_input_ids.shape[1]
+            answer_features = self.get_text_features(distinct[:, :length], distinct[:, length:])[answer_index]
+            similarity = self._image_text_similarity(query_output, answer_features)
+            loss_itc_answer = self._contrastive_loss(similarity, answer_index[:, None] == answer_index[None, :])
         # step 3: the LM, with image tokens in the placeholder slots
         inputs_embeds = self._embed_prompt(input_ids, None, None, image_tokens=image_tokens)
         loss_lm = None

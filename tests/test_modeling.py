@@ -237,13 +237,43 @@ def test_placeholder_count_mismatch_raises():
     config = tiny_config()
     model = build(config).eval()
     batch = make_batch(config, batch_size=2)
-    batch["input_ids"][0, batch["input_ids"][0] == config.image_token_index] = 464
-    with pytest.raises(ValueError, match=r"exactly 4 <image> tokens .*got \[0, 4\]"):
+    first_slots = (batch["input_ids"][0] == config.image_token_index).nonzero()[:2, 0]
+    batch["input_ids"][0, first_slots] = 464
+    with pytest.raises(ValueError, match=r"exactly 4 <image> tokens .*or 0 to withhold it, got \[2, 4\]"):
         model(**batch)
     text_only = make_batch(config, batch_size=1)
     text_only.pop("pixel_values")
     with pytest.raises(ValueError, match=r"exactly 0 <image> tokens \(id 50257\) when no volume is given, got \[4\]"):
         model(**text_only)
+
+
+@pytest.fixture(scope="module")
+def tiny_processor(minilm_path):
+    from transformers import AutoTokenizer
+
+    from processing_medblip import MedBlipImageProcessor, MedBlipProcessor, build_gpt2_tokenizer
+
+    return MedBlipProcessor(MedBlipImageProcessor(volume_size=(32, 32, 32), patch_size=(8, 8, 8)),
+                            build_gpt2_tokenizer(), AutoTokenizer.from_pretrained(minilm_path), num_query_tokens=4)
+
+
+def test_a_row_without_image_slots_is_answered_from_its_text_alone(tiny_processor):
+    """Image dropout: in a batch with volumes, a prompt without `<image>` slots gives the text-only logits."""
+    config = tiny_config()
+    model = build(config).eval()
+    records = [{"age": 70, "mmse": 29}, {"age": 81, "mmse": 21}]
+    batch = tiny_processor(records=records, diagnoses=["CN", "AD"], image_slots=[False, True])
+    pixel_values = torch.rand(2, config.vision_config.num_patches, config.vision_config.patch_dim)
+    keys = ("input_ids", "attention_mask", "labels")
+    with torch.no_grad():
+        mixed = model(pixel_values=pixel_values, **{k: batch[k] for k in keys}).logits
+        text_only = tiny_processor(records=records[:1], diagnoses=["CN"], image_slots=False)
+        alone = model(**{k: text_only[k] for k in keys}).logits
+        with_image = tiny_processor(records=records[1:], diagnoses=["AD"], image_slots=True)
+        imaged = model(pixel_values=pixel_values[1:], **{k: with_image[k] for k in keys}).logits
+    length = int(text_only["attention_mask"].sum())
+    torch.testing.assert_close(mixed[0, -length:], alone[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(mixed[1], imaged[0], atol=1e-5, rtol=1e-4)
 
 
 def test_query_cross_attentions_cover_the_patch_grid():
