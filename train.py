@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, HfArgumentParser, get_cosine_schedule_with_warmup
 
 from configuration_medblip import PRESETS, MedBlipConfig
+from medblip_data.augment import VolumeAugmentation
 from modeling_medblip import MedBlipForConditionalGeneration
 from processing_medblip import MedBlipImageProcessor, MedBlipProcessor, build_gpt2_tokenizer, normalize_diagnosis
 
@@ -56,6 +57,13 @@ class ModelArguments:
     lora_rank: int | None = field(default=None, metadata={"help": "LoRA rank on the LM (0 = off); needs peft"})
     record_dropout: float = field(
         default=0.3, metadata={"help": "probability of withholding a training prompt's health record (image-only)"}
+    )
+    image_dropout: float = field(
+        default=0.2,
+        metadata={"help": "probability of withholding a training prompt's image (text-only; never with its record)"},
+    )
+    augment: bool = field(
+        default=True, metadata={"help": "random left-right flip, contrast (gamma) and noise of training volumes"}
     )
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     record_fields: list[str] = field(
@@ -98,10 +106,13 @@ class TrainArguments:
     output_dir: str = field(default="outputs/medblip-small-synthetic", metadata={"help": "run and Hub folder"})
     eval_only: bool = field(default=False, metadata={"help": "only evaluate --model_name_or_path"})
     model_name_or_path: str | None = field(default=None, metadata={"help": "trained MedBLIP folder (--eval_only)"})
-    max_steps: int = field(default=600, metadata={"help": "optimizer steps"})
+    max_steps: int = field(default=700, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=16, metadata={"help": "volumes per process per micro-batch"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    learning_rate: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate of the language model"})
+    image_path_learning_rate: float = field(
+        default=1e-4, metadata={"help": "peak AdamW learning rate of the ViT, queries, Q-Former and projections"}
+    )
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay (matrices only)"})
     warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of steps of linear warmup"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
@@ -158,28 +169,40 @@ def make_collate(
     mode: str = "image_text",
     labels: bool = True,
     record_dropout: float = 0.0,
+    image_dropout: float = 0.0,
     seed: int = 0,
+    augmentation=None,
 ):
     """Rows of the patch cache -> model inputs. `mode` withholds the record (image_only) or the image (text_only).
 
-    `record_dropout` withholds each LM prompt's record with that probability (the Q-Former still sees it for the
-    contrastive loss), so the LM must also answer from the image alone. Each draw is a function of (seed, epoch,
-    image path), never of a global RNG state: the loader collates one batch ahead, so a checkpoint's RNG state
-    would already include the next batch's draws and a resumed run would drop other records. The training loop
-    sets `collate.epoch`.
+    Training prompts withhold the record with probability `record_dropout` and, otherwise, the image with
+    probability `image_dropout` (never both), so the LM also learns to answer from either input alone; the
+    Q-Former still sees both for the contrastive losses. Each draw is a function of (seed, epoch, image path),
+    never of a global RNG state: the loader collates one batch ahead, so a checkpoint's RNG state would already
+    include the next batch's draws and a resumed run would drop other records. The training loop sets
+    `collate.epoch`. `augmentation` (a `VolumeAugmentation`) draws each volume's flip/gamma/noise the same way.
     """
+
+    if record_dropout + image_dropout > 1:
+        raise ValueError(f"record_dropout + image_dropout must be <= 1, got {record_dropout} + {image_dropout}")
 
     def collate(rows: list[dict]) -> dict:
         records = [None if mode == "image_only" else record_of(row, record_fields) for row in rows]
         diagnoses = [row["diagnosis"] for row in rows] if labels else None
         batch = dict(processor(records=records, diagnoses=diagnoses, image_slots=mode != "text_only"))
-        if record_dropout > 0:
+        if record_dropout > 0 or image_dropout > 0:
             draws = [random.Random(f"{seed}:{collate.epoch}:{row['image_path']}").random() for row in rows]
             kept = [None if draw < record_dropout else record for draw, record in zip(draws, records)]
-            prompts = processor(records=kept, diagnoses=diagnoses, image_slots=mode != "text_only")
+            slots = [mode != "text_only" and not record_dropout <= draw < record_dropout + image_dropout
+                     for draw in draws]  # fmt: skip
+            prompts = processor(records=kept, diagnoses=diagnoses, image_slots=slots)
             batch.update({k: prompts[k] for k in ("input_ids", "attention_mask", "labels") if k in prompts})
         if mode != "text_only":
-            batch["pixel_values"] = torch.stack([torch.as_tensor(np.asarray(row["pixel_values"])) for row in rows])
+            patches = [torch.as_tensor(np.asarray(row["pixel_values"])) for row in rows]
+            if augmentation is not None:
+                patches = [augmentation(p, row["patch_grid"], f"{seed}:{collate.epoch}:{row['image_path']}")
+                           for p, row in zip(patches, rows)]  # fmt: skip
+            batch["pixel_values"] = torch.stack(patches)
             batch["patch_grid"] = torch.as_tensor(np.stack([row["patch_grid"] for row in rows]), dtype=torch.long)
         return batch
 
@@ -273,18 +296,27 @@ def build_model(model_args: ModelArguments) -> tuple[MedBlipForConditionalGenera
     return model, processor
 
 
-def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters only; no decay on norms, biases, embeddings, queries and the temperature."""
-    decay, no_decay = [], []
+def optimizer_groups(
+    model: torch.nn.Module, weight_decay: float, learning_rate: float, image_path_learning_rate: float
+) -> list[dict]:
+    """Trainable parameters only; no decay on norms, biases, embeddings, queries and the temperature.
+
+    The language model (or its LoRA adapters) trains at `learning_rate`, the image path (ViT, queries, Q-Former,
+    projections) at `image_path_learning_rate`: at 1e-3 the post-LayerNorm Q-Former collapses its outputs to one
+    vector for every volume, while 1e-4 lets it learn.
+    """
+    groups: dict[tuple[bool, float], list] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         is_embedding = "embedding" in name or name.endswith(("wte.weight", "wpe.weight", "shared.weight"))
-        if parameter.dim() < 2 or is_embedding or name in ("query_tokens", "temperature"):
-            no_decay.append(parameter)
-        else:
-            decay.append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decays = not (parameter.dim() < 2 or is_embedding or name in ("query_tokens", "temperature"))
+        rate = learning_rate if name.startswith("language_model.") else image_path_learning_rate
+        groups.setdefault((decays, rate), []).append(parameter)
+    return [
+        {"params": parameters, "weight_decay": weight_decay if decays else 0.0, "lr": rate}
+        for (decays, rate), parameters in groups.items()
+    ]
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -490,8 +522,8 @@ Splits are by subject. The built-in default is a *synthetic* cohort made by warp
 ## Preprocessing contract
 `MedBlipProcessor` (saved beside the weights) reads NIfTI/MGZ/DICOM or arrays with spacing, reorients to RAS,
 resamples to {config_snapshot['model']['target_spacing']} mm, crops to the foreground, normalises intensities
-robustly to [0, 1], fits the volume into {config_snapshot['volume_size']} voxels keeping the aspect ratio and cuts
-{config_snapshot['patch_size']} patches. Health-record fields given to the model: {config_snapshot['model']['record_fields']}.
+robustly to [0, 1], fits the volume into {config_snapshot['volume_size']} voxels keeping the aspect ratio, standardises
+it to [-1, 1] (`image_mean` = `image_std` = 0.5, background -1) and cuts {config_snapshot['patch_size']} patches. Health-record fields given to the model: {config_snapshot['model']['record_fields']}.
 
 ## Evaluation ({split} split: {results['likelihood']['image_text']['all']['n']} volumes)
 | input | decoder | balanced acc | accuracy | macro-F1 | AUROC (OvR) | n | unmappable |
@@ -582,15 +614,20 @@ def main(argv: list[str] | None = None) -> dict:
     model, processor = build_model(model_args)
     manifests, corpus, cached = build_data(data_args, processor.image_processor, accelerator)
     snapshot["data"]["manifests"] = manifests
+    image_processor = processor.image_processor
+    augmentation = VolumeAugmentation(image_processor.patch_size, image_processor.image_mean,
+                                      image_processor.image_std) if model_args.augment else None  # fmt: skip
     train_loader = torch.utils.data.DataLoader(
         cached["train"], batch_size=train_args.batch_size, shuffle=True, drop_last=True,
         collate_fn=make_collate(processor, model_args.record_fields, record_dropout=model_args.record_dropout,
-                                seed=train_args.seed),
+                                image_dropout=model_args.image_dropout, seed=train_args.seed,
+                                augmentation=augmentation),
         generator=torch.Generator().manual_seed(train_args.seed),  # own RNG: resuming leaves dropout's stream intact
     )  # fmt: skip
     if len(train_loader) == 0:
         raise ValueError(f"{len(cached['train'])} training volumes cannot fill one batch of {train_args.batch_size}")
-    optimizer = torch.optim.AdamW(optimizer_groups(model, train_args.weight_decay), lr=train_args.learning_rate)
+    optimizer = torch.optim.AdamW(optimizer_groups(
+        model, train_args.weight_decay, train_args.learning_rate, train_args.image_path_learning_rate))  # fmt: skip
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, int(train_args.warmup_ratio * train_args.max_steps), train_args.max_steps
     )

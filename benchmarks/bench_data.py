@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
         cached["train"], batch_size=args.batch_size, shuffle=True, drop_last=True,
         collate_fn=train.make_collate(processor, model_args.record_fields, record_dropout=model_args.record_dropout),
     )  # fmt: skip
-    optimizer = torch.optim.AdamW(train.optimizer_groups(model, 1e-4), lr=1e-4)
+    optimizer = torch.optim.AdamW(train.optimizer_groups(model, 1e-4, 1e-4, 1e-4))
     keep = int(processor.candidate_inputs(train.LABELS)["candidate_attention_mask"].sum(-1).max()) + 1
     model.train()
     load_times, step_times = [], []

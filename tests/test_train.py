@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors import safe_open
 from sklearn import metrics as skm
 
@@ -191,3 +192,42 @@ def test_two_process_training_writes_one_checkpoint(cohort, tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     assert [c.name for c in (output / "checkpoints").glob("checkpoint-*")] == ["checkpoint-0000002"]
     assert (output / "eval_results.json").exists()
+
+
+def test_optimizer_groups_split_learning_rates_and_weight_decay():
+    from configuration_medblip import MedBlipConfig
+    from modeling_medblip import MedBlipForConditionalGeneration
+
+    model = MedBlipForConditionalGeneration(MedBlipConfig.from_preset("tiny"))
+    groups = train.optimizer_groups(model, weight_decay=0.1, learning_rate=1e-3, image_path_learning_rate=1e-4)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+    for group in groups:
+        for parameter in group["params"]:
+            name = names[id(parameter)]
+            assert group["lr"] == (1e-3 if name.startswith("language_model.") else 1e-4), name
+            no_decay = parameter.dim() < 2 or "embedding" in name or name in ("query_tokens", "temperature")
+            assert group["weight_decay"] == (0.0 if no_decay or name.endswith("wte.weight") else 0.1), name
+
+
+def test_record_and_image_dropout_are_exclusive_and_reproducible(minilm_path):
+    from transformers import AutoTokenizer
+
+    from processing_medblip import MedBlipImageProcessor, MedBlipProcessor, build_gpt2_tokenizer
+
+    processor = MedBlipProcessor(MedBlipImageProcessor(volume_size=(16, 16, 16), patch_size=(8, 8, 8)),
+                                 build_gpt2_tokenizer(), AutoTokenizer.from_pretrained(minilm_path), num_query_tokens=4)
+    rows = [{"image_path": f"images/sub-{i:03d}.nii.gz", "diagnosis": "CN", "age": 70 + i % 9, "mmse": 28,
+             "pixel_values": np.zeros((8, 512), np.float16), "patch_grid": [2, 2, 2]} for i in range(400)]  # fmt: skip
+    collate = train.make_collate(processor, ["age", "mmse"], record_dropout=0.3, image_dropout=0.2, seed=0)
+    batch = collate(rows)
+    image_slots = (batch["input_ids"] == processor.image_token_id).sum(1)
+    has_record = batch["input_ids"].eq(processor.tokenizer.convert_tokens_to_ids("ĠMM")).any(1)
+    assert set(image_slots.tolist()) == {0, 4}
+    assert bool((has_record | (image_slots > 0)).all())  # never both withheld
+    assert 0.2 < float((~has_record).float().mean()) < 0.4 and 0.12 < float((image_slots == 0).float().mean()) < 0.28
+    assert torch.equal(collate(rows)["input_ids"], batch["input_ids"])  # a function of (seed, epoch, path)
+    collate.epoch = 1
+    assert not torch.equal(collate(rows)["input_ids"], batch["input_ids"])
+    with pytest.raises(ValueError, match="record_dropout \\+ image_dropout must be <= 1"):
+        train.make_collate(processor, ["age"], record_dropout=0.6, image_dropout=0.5)
