@@ -62,6 +62,9 @@ class ModelArguments:
         default=0.2,
         metadata={"help": "probability of withholding a training prompt's image (text-only; never with its record)"},
     )
+    field_dropout: float = field(
+        default=0.2, metadata={"help": "probability of withholding each field of a training prompt's record"}
+    )
     augment: bool = field(
         default=True, metadata={"help": "random left-right flip, contrast (gamma) and noise of training volumes"}
     )
@@ -170,6 +173,7 @@ def make_collate(
     labels: bool = True,
     record_dropout: float = 0.0,
     image_dropout: float = 0.0,
+    field_dropout: float = 0.0,
     seed: int = 0,
     augmentation=None,
 ):
@@ -177,7 +181,8 @@ def make_collate(
 
     Training prompts withhold the record with probability `record_dropout` and, otherwise, the image with
     probability `image_dropout` (never both), so the LM also learns to answer from either input alone; the
-    Q-Former still sees both for the contrastive losses. Each draw is a function of (seed, epoch, image path),
+    Q-Former still sees both for the contrastive losses. Each field of a kept record is withheld with probability
+    `field_dropout`: a subject's record is then not one fixed string that the LM can memorise. Each draw is a function of (seed, epoch, image path),
     never of a global RNG state: the loader collates one batch ahead, so a checkpoint's RNG state would already
     include the next batch's draws and a resumed run would drop other records. The training loop sets
     `collate.epoch`. `augmentation` (a `VolumeAugmentation`) draws each volume's flip/gamma/noise the same way.
@@ -190,9 +195,12 @@ def make_collate(
         records = [None if mode == "image_only" else record_of(row, record_fields) for row in rows]
         diagnoses = [row["diagnosis"] for row in rows] if labels else None
         batch = dict(processor(records=records, diagnoses=diagnoses, image_slots=mode != "text_only"))
-        if record_dropout > 0 or image_dropout > 0:
-            draws = [random.Random(f"{seed}:{collate.epoch}:{row['image_path']}").random() for row in rows]
-            kept = [None if draw < record_dropout else record for draw, record in zip(draws, records)]
+        if record_dropout > 0 or image_dropout > 0 or field_dropout > 0:
+            generators = [random.Random(f"{seed}:{collate.epoch}:{row['image_path']}") for row in rows]
+            draws = [generator.random() for generator in generators]
+            kept = [None if draw < record_dropout or record is None else
+                    {k: v for k, v in record.items() if generator.random() >= field_dropout} or None
+                    for draw, record, generator in zip(draws, records, generators)]  # fmt: skip
             slots = [mode != "text_only" and not record_dropout <= draw < record_dropout + image_dropout
                      for draw in draws]  # fmt: skip
             prompts = processor(records=kept, diagnoses=diagnoses, image_slots=slots)
@@ -208,6 +216,16 @@ def make_collate(
 
     collate.epoch = 0
     return collate
+
+
+def training_collate(processor: MedBlipProcessor, model_args: ModelArguments, seed: int):
+    """The training loader's collate: record/image dropout and (with `--augment`) volume augmentation."""
+    image_processor = processor.image_processor
+    augmentation = VolumeAugmentation(image_processor.patch_size, image_processor.image_mean,
+                                      image_processor.image_std) if model_args.augment else None  # fmt: skip
+    return make_collate(processor, model_args.record_fields, record_dropout=model_args.record_dropout,
+                        image_dropout=model_args.image_dropout, field_dropout=model_args.field_dropout, seed=seed,
+                        augmentation=augmentation)  # fmt: skip
 
 
 def build_data(data_args: DataArguments, image_processor: MedBlipImageProcessor, accelerator: Accelerator):
@@ -614,14 +632,9 @@ def main(argv: list[str] | None = None) -> dict:
     model, processor = build_model(model_args)
     manifests, corpus, cached = build_data(data_args, processor.image_processor, accelerator)
     snapshot["data"]["manifests"] = manifests
-    image_processor = processor.image_processor
-    augmentation = VolumeAugmentation(image_processor.patch_size, image_processor.image_mean,
-                                      image_processor.image_std) if model_args.augment else None  # fmt: skip
     train_loader = torch.utils.data.DataLoader(
         cached["train"], batch_size=train_args.batch_size, shuffle=True, drop_last=True,
-        collate_fn=make_collate(processor, model_args.record_fields, record_dropout=model_args.record_dropout,
-                                image_dropout=model_args.image_dropout, seed=train_args.seed,
-                                augmentation=augmentation),
+        collate_fn=training_collate(processor, model_args, train_args.seed),
         generator=torch.Generator().manual_seed(train_args.seed),  # own RNG: resuming leaves dropout's stream intact
     )  # fmt: skip
     if len(train_loader) == 0:

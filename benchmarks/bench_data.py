@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
     _, _, cached = train.build_data(data_args, processor.image_processor, accelerator)
     loader = torch.utils.data.DataLoader(
         cached["train"], batch_size=args.batch_size, shuffle=True, drop_last=True,
-        collate_fn=train.make_collate(processor, model_args.record_fields, record_dropout=model_args.record_dropout),
+        collate_fn=train.training_collate(processor, model_args, train_args.seed),
     )  # fmt: skip
     optimizer = torch.optim.AdamW(train.optimizer_groups(model, 1e-4, 1e-4, 1e-4))
     keep = int(processor.candidate_inputs(train.LABELS)["candidate_attention_mask"].sum(-1).max()) + 1

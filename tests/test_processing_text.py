@@ -121,6 +121,13 @@ def test_text_only_mode_has_no_image_tokens(processor):
     # placeholders without images, for pixel values cached elsewhere
     cached = processor(records=[RECORD, None], image_slots=True)
     assert ((cached["input_ids"] == 50257).sum(1) == NUM_QUERY).all() and "pixel_values" not in cached
+    # per item: the second prompt withholds its image (image dropout) and is the text-only prompt, left-padded
+    mixed = processor(records=[RECORD, RECORD], image_slots=[True, False])
+    assert (mixed["input_ids"] == 50257).sum(1).tolist() == [NUM_QUERY, 0]
+    alone = processor(records=[RECORD])["input_ids"][0]
+    assert mixed["input_ids"][1, -len(alone):].tolist() == alone.tolist()
+    with pytest.raises(ValueError, match="image_slots has 3 entries for a batch of 2"):
+        processor(records=[RECORD, RECORD], image_slots=[True, False, True])
 
 
 def test_training_labels_supervise_only_answer_and_eos(processor, gpt2_tokenizer):
