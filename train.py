@@ -62,9 +62,6 @@ class ModelArguments:
         default=0.2,
         metadata={"help": "probability of withholding a training prompt's image (text-only; never with its record)"},
     )
-    field_dropout: float = field(
-        default=0.2, metadata={"help": "probability of withholding each field of a training prompt's record"}
-    )
     augment: bool = field(
         default=True, metadata={"help": "random left-right flip, contrast (gamma) and noise of training volumes"}
     )
@@ -109,7 +106,7 @@ class TrainArguments:
     output_dir: str = field(default="outputs/medblip-small-synthetic", metadata={"help": "run and Hub folder"})
     eval_only: bool = field(default=False, metadata={"help": "only evaluate --model_name_or_path"})
     model_name_or_path: str | None = field(default=None, metadata={"help": "trained MedBLIP folder (--eval_only)"})
-    max_steps: int = field(default=700, metadata={"help": "optimizer steps"})
+    max_steps: int = field(default=600, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=16, metadata={"help": "volumes per process per micro-batch"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     learning_rate: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate of the language model"})
@@ -173,7 +170,6 @@ def make_collate(
     labels: bool = True,
     record_dropout: float = 0.0,
     image_dropout: float = 0.0,
-    field_dropout: float = 0.0,
     seed: int = 0,
     augmentation=None,
 ):
@@ -181,8 +177,7 @@ def make_collate(
 
     Training prompts withhold the record with probability `record_dropout` and, otherwise, the image with
     probability `image_dropout` (never both), so the LM also learns to answer from either input alone; the
-    Q-Former still sees both for the contrastive losses. Each field of a kept record is withheld with probability
-    `field_dropout`: a subject's record is then not one fixed string that the LM can memorise. Each draw is a function of (seed, epoch, image path),
+    Q-Former still sees both for the contrastive losses. Each draw is a function of (seed, epoch, image path),
     never of a global RNG state: the loader collates one batch ahead, so a checkpoint's RNG state would already
     include the next batch's draws and a resumed run would drop other records. The training loop sets
     `collate.epoch`. `augmentation` (a `VolumeAugmentation`) draws each volume's flip/gamma/noise the same way.
@@ -195,12 +190,9 @@ def make_collate(
         records = [None if mode == "image_only" else record_of(row, record_fields) for row in rows]
         diagnoses = [row["diagnosis"] for row in rows] if labels else None
         batch = dict(processor(records=records, diagnoses=diagnoses, image_slots=mode != "text_only"))
-        if record_dropout > 0 or image_dropout > 0 or field_dropout > 0:
-            generators = [random.Random(f"{seed}:{collate.epoch}:{row['image_path']}") for row in rows]
-            draws = [generator.random() for generator in generators]
-            kept = [None if draw < record_dropout or record is None else
-                    {k: v for k, v in record.items() if generator.random() >= field_dropout} or None
-                    for draw, record, generator in zip(draws, records, generators)]  # fmt: skip
+        if record_dropout > 0 or image_dropout > 0:
+            draws = [random.Random(f"{seed}:{collate.epoch}:{row['image_path']}").random() for row in rows]
+            kept = [None if draw < record_dropout else record for draw, record in zip(draws, records)]
             slots = [mode != "text_only" and not record_dropout <= draw < record_dropout + image_dropout
                      for draw in draws]  # fmt: skip
             prompts = processor(records=kept, diagnoses=diagnoses, image_slots=slots)
@@ -224,8 +216,7 @@ def training_collate(processor: MedBlipProcessor, model_args: ModelArguments, se
     augmentation = VolumeAugmentation(image_processor.patch_size, image_processor.image_mean,
                                       image_processor.image_std) if model_args.augment else None  # fmt: skip
     return make_collate(processor, model_args.record_fields, record_dropout=model_args.record_dropout,
-                        image_dropout=model_args.image_dropout, field_dropout=model_args.field_dropout, seed=seed,
-                        augmentation=augmentation)  # fmt: skip
+                        image_dropout=model_args.image_dropout, seed=seed, augmentation=augmentation)  # fmt: skip
 
 
 def build_data(data_args: DataArguments, image_processor: MedBlipImageProcessor, accelerator: Accelerator):
