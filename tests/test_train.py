@@ -231,4 +231,3 @@ def test_record_and_image_dropout_are_exclusive_and_reproducible(minilm_path):
     assert not torch.equal(collate(rows)["input_ids"], batch["input_ids"])
     with pytest.raises(ValueError, match="record_dropout \\+ image_dropout must be <= 1"):
         train.make_collate(processor, ["age"], record_dropout=0.6, image_dropout=0.5)
-
