@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from configuration_medblip import MedBlipConfig
 from modeling_medblip import MedBlipForConditionalGeneration, inflate_patch_embedding
 
-
 TINY_T5 = {
     "model_type": "t5", "vocab_size": 512, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2,
     "num_decoder_layers": 2, "num_heads": 4, "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1,
@@ -251,7 +250,11 @@ def test_placeholder_count_mismatch_raises():
 def tiny_processor(minilm_path):
     from transformers import AutoTokenizer
 
-    from processing_medblip import MedBlipImageProcessor, MedBlipProcessor, build_gpt2_tokenizer
+    from processing_medblip import (
+        MedBlipImageProcessor,
+        MedBlipProcessor,
+        build_gpt2_tokenizer,
+    )
 
     return MedBlipProcessor(MedBlipImageProcessor(volume_size=(32, 32, 32), patch_size=(8, 8, 8)),
                             build_gpt2_tokenizer(), AutoTokenizer.from_pretrained(minilm_path), num_query_tokens=4)

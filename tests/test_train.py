@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO_ROOT
 from safetensors import safe_open
 from sklearn import metrics as skm
-
-from conftest import REPO_ROOT
 
 import train
 
@@ -213,7 +212,11 @@ def test_optimizer_groups_split_learning_rates_and_weight_decay():
 def test_record_and_image_dropout_are_exclusive_and_reproducible(minilm_path):
     from transformers import AutoTokenizer
 
-    from processing_medblip import MedBlipImageProcessor, MedBlipProcessor, build_gpt2_tokenizer
+    from processing_medblip import (
+        MedBlipImageProcessor,
+        MedBlipProcessor,
+        build_gpt2_tokenizer,
+    )
 
     processor = MedBlipProcessor(MedBlipImageProcessor(volume_size=(16, 16, 16), patch_size=(8, 8, 8)),
                                  build_gpt2_tokenizer(), AutoTokenizer.from_pretrained(minilm_path), num_query_tokens=4)
