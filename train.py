@@ -693,7 +693,9 @@ def main(argv: list[str] | None = None) -> dict:
                 terms = {k: getattr(output, k).item() for k in ("loss", "loss_lm", "loss_itc_text", "loss_itc_answer")
                          if getattr(output, k) is not None}  # fmt: skip
                 speed = window_volumes / (time.time() - window_start)
-                entry = {"step": state.step, **terms, "lr": scheduler.get_last_lr()[0], "volumes_per_s": speed}
+                scale = scheduler.get_last_lr()[0] / optimizer.param_groups[0]["initial_lr"]  # the schedule's factor
+                entry = {"step": state.step, **terms, "lr": scale * train_args.learning_rate,
+                         "image_path_lr": scale * train_args.image_path_learning_rate, "volumes_per_s": speed}  # fmt: skip
                 state.history.append(entry)
                 accelerator.log(entry, step=state.step)
                 progress.set_postfix(loss=f"{terms['loss']:.3f}", vol_s=f"{speed:.1f}")
