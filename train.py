@@ -190,8 +190,9 @@ def make_collate(
         records = [None if mode == "image_only" else record_of(row, record_fields) for row in rows]
         diagnoses = [row["diagnosis"] for row in rows] if labels else None
         batch = dict(processor(records=records, diagnoses=diagnoses, image_slots=mode != "text_only"))
+        keys = [f"{seed}:{collate.epoch}:{row['image_path']}" for row in rows]  # every random draw of a row
         if record_dropout > 0 or image_dropout > 0:
-            draws = [random.Random(f"{seed}:{collate.epoch}:{row['image_path']}").random() for row in rows]
+            draws = [random.Random(key).random() for key in keys]
             kept = [None if draw < record_dropout else record for draw, record in zip(draws, records)]
             slots = [mode != "text_only" and not record_dropout <= draw < record_dropout + image_dropout
                      for draw in draws]  # fmt: skip
@@ -200,8 +201,7 @@ def make_collate(
         if mode != "text_only":
             patches = [torch.as_tensor(np.asarray(row["pixel_values"])) for row in rows]
             if augmentation is not None:
-                patches = [augmentation(p, row["patch_grid"], f"{seed}:{collate.epoch}:{row['image_path']}")
-                           for p, row in zip(patches, rows)]  # fmt: skip
+                patches = [augmentation(p, row["patch_grid"], key) for p, row, key in zip(patches, rows, keys)]
             batch["pixel_values"] = torch.stack(patches)
             batch["patch_grid"] = torch.as_tensor(np.stack([row["patch_grid"] for row in rows]), dtype=torch.long)
         return batch
