@@ -105,7 +105,6 @@ class MedBlipPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = False  # the Q-Former is kept in fp32, which blocks flash attention dispatch
     _supports_flex_attn = True
     _no_split_modules = ["Blip2EncoderLayer", "Blip2QFormerLayer", "MedBlipVisionEmbeddings", "Blip2TextEmbeddings"]
-    _skip_keys_device_placement = "past_key_values"
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -516,13 +515,13 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
         expanded_mask = attention_mask.repeat_interleave(num_candidates, dim=0)
         if self.config.use_decoder_only_language_model:
             prompt = self._decoder_only_lm(inputs_embeds, attention_mask, use_cache=True, logits_to_keep=1)
-            cache = prompt.past_key_values
+            cache = prompt.cache
             cache.batch_repeat_interleave(num_candidates)
             full_mask = torch.cat([expanded_mask, target_mask], dim=1)
             position_ids = (full_mask.long().cumsum(-1) - 1).clamp(min=0)[:, input_ids.shape[1] :]
             continuation = self.language_model(
                 inputs_embeds=self.get_input_embeddings()(targets), attention_mask=full_mask,
-                position_ids=position_ids, past_key_values=cache, use_cache=True,
+                position_ids=position_ids, cache=cache, use_cache=True,
             )  # fmt: skip
             # the prompt's last logit predicts candidate token 0, candidate position t predicts token t + 1
             first = prompt.logits[:, -1:].repeat_interleave(num_candidates, dim=0)
