@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, HfArgumentParser, get_cosine_schedule_with_warmup
 
@@ -443,9 +444,16 @@ def latest_checkpoint(output_dir: str) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, keep_last: int) -> Path:
+BEST_WEIGHTS_FILE = "best_trainable_weights.safetensors"
+
+
+def save_checkpoint(
+    accelerator: Accelerator, output_dir: str, step: int, keep_last: int, best_weights: dict | None = None
+) -> Path:
     """Accelerate state (trainable weights, optimizer, scheduler, RNG, step) written to a temporary folder, then
-    renamed, so a killed run never leaves a half-written checkpoint; only the last `keep_last` are kept."""
+    renamed, so a killed run never leaves a half-written checkpoint; only the last `keep_last` are kept.
+    `best_weights` (the best validation step's trainable weights so far) go in too: a resumed run can still end
+    on a step from before the interruption."""
     root = checkpoint_root(output_dir)
     final, temporary = root / f"checkpoint-{step:07d}", root / f".tmp-checkpoint-{step:07d}"
     if accelerator.is_main_process and temporary.exists():
@@ -454,6 +462,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, keep_l
     accelerator.save_state(str(temporary))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if best_weights is not None:
+            save_file({name: tensor.contiguous() for name, tensor in best_weights.items()}, temporary / BEST_WEIGHTS_FILE)
         if final.exists():
             shutil.rmtree(final)
         os.replace(temporary, final)
@@ -473,17 +483,21 @@ def keep_trainable_weights(models: list, weights: list[dict], output_dir: str) -
 
 
 class TrainState:
-    """Step counter and log history, saved with every checkpoint through `register_for_checkpointing`."""
+    """Step counter, log history and best validation step, saved with every checkpoint through
+    `register_for_checkpointing`."""
 
     def __init__(self):
         self.step = 0
         self.history: list[dict] = []
+        self.best_score, self.best_step = -1.0, -1  # -1: no validation yet
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "history": json.dumps(self.history)}
+        return {"step": self.step, "history": json.dumps(self.history), "best_score": self.best_score,
+                "best_step": self.best_step}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.history = int(state["step"]), json.loads(state["history"])
+        self.best_score, self.best_step = float(state.get("best_score", -1.0)), int(state.get("best_step", -1))
 
 
 # ----------------------------------------------------------------------------------------------- model card
@@ -637,6 +651,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     state = TrainState()
+    best_weights = None  # trainable weights of the best validation step (state.best_step)
     accelerator.register_for_checkpointing(scheduler, state)
     accelerator.register_save_state_pre_hook(keep_trainable_weights)
     if train_args.resume_from_checkpoint:
@@ -646,6 +661,8 @@ def main(argv: list[str] | None = None) -> dict:
             raise FileNotFoundError(f"no checkpoint to resume from in {checkpoint_root(train_args.output_dir)}")
         accelerator.load_state(str(path), strict=False)
         logger.info("resumed from %s at step %d", path, state.step)
+        if (path / BEST_WEIGHTS_FILE).exists():
+            best_weights = load_file(path / BEST_WEIGHTS_FILE)
     if accelerator.is_main_process and train_args.report_to != "none":
         accelerator.init_trackers("medblip", config={k: str(v) for k, v in snapshot["train"].items()})
 
@@ -660,8 +677,6 @@ def main(argv: list[str] | None = None) -> dict:
                                       train_args.eval_batch_size, 1, accelerator.device, metric)  # fmt: skip
         unwrapped.train()
         return results["likelihood"]["image_text"]["all"]["balanced_accuracy"]
-
-    best = {"score": -1.0, "step": None, "weights": None}
 
     # -------------------------------------------------------------------- training loop
     batches_per_epoch = len(train_loader)
@@ -703,28 +718,29 @@ def main(argv: list[str] | None = None) -> dict:
                 window_start, window_volumes = time.time(), 0
             if train_args.eval_every and state.step % train_args.eval_every == 0 and accelerator.is_main_process:
                 score = validate()
-                if score > best["score"]:  # trainable weights only: frozen ones never change
-                    best.update(score=score, step=state.step, weights={
-                        n: p.detach().clone() for n, p in unwrapped.named_parameters() if p.requires_grad})
+                if score > state.best_score:  # trainable weights only: frozen ones never change
+                    state.best_score, state.best_step = score, state.step
+                    best_weights = {n: p.detach().clone() for n, p in unwrapped.named_parameters() if p.requires_grad}
                 state.history.append({"step": state.step, "val_balanced_accuracy": score})
                 accelerator.log({"val_balanced_accuracy": score}, step=state.step)
                 logger.info("step %d validation balanced accuracy (likelihood, image+text) %.3f", state.step, score)
             if train_args.save_every and state.step % train_args.save_every == 0:
-                save_checkpoint(accelerator, train_args.output_dir, state.step, train_args.keep_last)
+                save_checkpoint(accelerator, train_args.output_dir, state.step, train_args.keep_last, best_weights)
             if state.step >= train_args.max_steps:
                 break
     progress.close()
     if not train_args.save_every or state.step % train_args.save_every:
-        save_checkpoint(accelerator, train_args.output_dir, state.step, train_args.keep_last)
+        save_checkpoint(accelerator, train_args.output_dir, state.step, train_args.keep_last, best_weights)
 
     # -------------------------------------------------------------------- final evaluation and Hub folder
     accelerator.wait_for_everyone()
     results_by_split = {}
     if accelerator.is_main_process:
-        if train_args.load_best_model_at_end and best["weights"] is not None:
-            unwrapped.load_state_dict(best["weights"], strict=False)
-            logger.info("loaded the weights of step %d (validation balanced accuracy %.3f)", best["step"], best["score"])
-            snapshot["best_step"] = best["step"]
+        if train_args.load_best_model_at_end and best_weights is not None:
+            unwrapped.load_state_dict(best_weights, strict=False)
+            logger.info("loaded the weights of step %d (validation balanced accuracy %.3f)", state.best_step,
+                        state.best_score)  # fmt: skip
+            snapshot["best_step"] = state.best_step
         unwrapped.eval()
         baselines = reference_baselines(corpus, train_args.eval_splits)
         for split in train_args.eval_splits:

@@ -114,6 +114,15 @@ def test_resume_reproduces_the_uninterrupted_loss_sequence(trained, cohort, tmp_
     resumed = {h["step"]: h["loss"] for h in train_history(resumed_output)}
     assert uninterrupted["train"]["max_steps"] == 6
     assert [resumed[s] for s in (4, 5, 6)] == [history[s] for s in (4, 5, 6)]  # exact, on CPU
+    # the best validation step may lie before the interruption: its weights travel in the checkpoint
+    with safe_open(str(output / "checkpoints" / "checkpoint-0000003" / train.BEST_WEIGHTS_FILE), "pt") as best:
+        assert "query_tokens" in best.keys() and not any(k.startswith("language_model.") for k in best.keys())
+    resumed_config = json.loads((resumed_output / "training_config.json").read_text())
+    assert resumed_config["best_step"] == uninterrupted["best_step"]
+    with safe_open(str(output / "model.safetensors"), "pt") as a, safe_open(str(resumed_output / "model.safetensors"), "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        for key in a.keys():
+            assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
 
 
 def train_history(output: Path) -> list[dict]:
