@@ -1264,6 +1264,7 @@ class MedBlipProcessor(ProcessorMixin):
         question: str | Sequence[str] | None = None,
         return_tensors: str | None = "pt",
         image_slots: bool | Sequence[bool] | None = None,
+        qformer_records: Any = None,
         **kwargs: Any,
     ) -> BatchFeature:
         """Build model inputs for a batch.
@@ -1277,6 +1278,8 @@ class MedBlipProcessor(ProcessorMixin):
             image_slots: put the `<image>` placeholders in the prompt (default: whether `images` are given); True
                 without `images` builds prompts for patches preprocessed earlier (e.g. a training cache). A list
                 decides per item: an item without slots is answered from its text alone (image dropout).
+            qformer_records: the records the Q-Former text path reads for the contrastive losses (default
+                `records`); training with record dropout withholds a record from the prompt but not from here.
             **kwargs: forwarded to the image processor (`return_volume`, `volume_index`, `spacing`, `affine`).
 
         Returns:
@@ -1311,7 +1314,12 @@ class MedBlipProcessor(ProcessorMixin):
         else:
             with_image = [bool(slots) for slots in self._as_list(image_slots, count, "image_slots")]
         outputs.update(self._lm_inputs(records, questions, labels, with_image))
-        outputs.update(self._qformer_inputs([render_record(r) for r in records], "qformer"))
+        if qformer_records is None:
+            qformer_records = records
+        elif isinstance(qformer_records, dict):
+            qformer_records = [qformer_records]
+        qformer_records = self._as_list(qformer_records, count, "qformer_records")
+        outputs.update(self._qformer_inputs([render_record(r) for r in qformer_records], "qformer"))
         if labels is not None:
             answers = [f"{q} {self.answer_texts[label]}" for q, label in zip(questions, labels)]
             outputs.update(self._qformer_inputs(answers, "qformer_answer"))

@@ -190,15 +190,11 @@ def make_collate(
     def collate(rows: list[dict]) -> dict:
         records = [None if mode == "image_only" else record_of(row, record_fields) for row in rows]
         diagnoses = [row["diagnosis"] for row in rows] if labels else None
-        batch = dict(processor(records=records, diagnoses=diagnoses, image_slots=mode != "text_only"))
         keys = [f"{seed}:{collate.epoch}:{row['image_path']}" for row in rows]  # every random draw of a row
-        if record_dropout > 0 or image_dropout > 0:
-            draws = [random.Random(key).random() for key in keys]
-            kept = [None if draw < record_dropout else record for draw, record in zip(draws, records)]
-            slots = [mode != "text_only" and not record_dropout <= draw < record_dropout + image_dropout
-                     for draw in draws]  # fmt: skip
-            prompts = processor(records=kept, diagnoses=diagnoses, image_slots=slots)
-            batch.update({k: prompts[k] for k in ("input_ids", "attention_mask", "labels") if k in prompts})
+        draws = [random.Random(key).random() for key in keys]
+        prompt_records = [None if draw < record_dropout else record for draw, record in zip(draws, records)]
+        slots = [mode != "text_only" and not record_dropout <= draw < record_dropout + image_dropout for draw in draws]
+        batch = dict(processor(records=prompt_records, diagnoses=diagnoses, image_slots=slots, qformer_records=records))
         if mode != "text_only":
             patches = [torch.as_tensor(np.asarray(row["pixel_values"])) for row in rows]
             if augmentation is not None:

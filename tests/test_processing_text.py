@@ -130,6 +130,17 @@ def test_text_only_mode_has_no_image_tokens(processor):
         processor(records=[RECORD, RECORD], image_slots=[True, False, True])
 
 
+def test_qformer_records_feed_the_qformer_text_and_records_the_prompt(processor, gpt2_tokenizer):
+    batch = processor(records=[None, RECORD], qformer_records=[RECORD, RECORD], diagnoses=["CN", "AD"])
+    both = processor(records=[RECORD, RECORD], diagnoses=["CN", "AD"])
+    assert torch.equal(batch["qformer_input_ids"], both["qformer_input_ids"])
+    assert torch.equal(batch["qformer_answer_input_ids"], both["qformer_answer_input_ids"])
+    prompts = gpt2_tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
+    assert "MMSE" not in prompts[0] and "MMSE" in prompts[1]
+    with pytest.raises(ValueError, match="qformer_records has 1 entries for a batch of 2"):
+        processor(records=[RECORD, RECORD], qformer_records=[RECORD])
+
+
 def test_training_labels_supervise_only_answer_and_eos(processor, gpt2_tokenizer):
     records = [RECORD, None, {"age": 60, "notes": "Long notes. " * 5}]
     batch = processor(images=[_volume()] * 3, spacing=(1.0, 1.0, 1.0), records=records, diagnoses=["AD", "NC", "EMCI"])

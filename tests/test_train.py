@@ -237,6 +237,9 @@ def test_record_and_image_dropout_are_exclusive_and_reproducible(minilm_path):
     has_record = batch["input_ids"].eq(processor.tokenizer.convert_tokens_to_ids("ĠMM")).any(1)
     assert set(image_slots.tolist()) == {0, 4}
     assert bool((has_record | (image_slots > 0)).all())  # never both withheld
+    # the Q-Former's contrastive text keeps every record, withheld from the prompt or not
+    mmse_id = processor.qformer_tokenizer.convert_tokens_to_ids("mm")
+    assert bool(batch["qformer_input_ids"].eq(mmse_id).any(1).all())
     assert 0.2 < float((~has_record).float().mean()) < 0.4 and 0.12 < float((image_slots == 0).float().mean()) < 0.28
     assert torch.equal(collate(rows)["input_ids"], batch["input_ids"])  # a function of (seed, epoch, path)
     collate.epoch = 1
