@@ -38,7 +38,8 @@ class MedBlipForConditionalGenerationModelOutput(ModelOutput):
     loss_itc_answer (`torch.FloatTensor` of shape `()`): image <-> "question answer" contrastive loss, with
         same-answer pairs counted as positives.
     logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`): LM logits.
-    logits_per_image (`torch.FloatTensor` of shape `(batch_size, batch_size)`): image-to-text similarities / temperature.
+    logits_per_image (`torch.FloatTensor` of shape `(batch_size, batch_size)`): image-to-text similarities / temperature
+        (in distributed training, of every process's batch: `(global_batch_size, global_batch_size)`).
     image_embeds (`torch.FloatTensor` of shape `(batch_size, num_query_tokens, text_hidden_size)`): the image tokens.
     """
 
@@ -356,6 +357,33 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
 
         return (one_direction(similarity, positives) + one_direction(similarity.t(), positives.t())) / 2
 
+    def _distributed(self) -> bool:
+        """Training under torch.distributed with several processes: the contrastive losses use the global batch."""
+        return (self.training and torch.distributed.is_available() and torch.distributed.is_initialized()
+                and torch.distributed.get_world_size() > 1)  # fmt: skip
+
+    def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every process's rows, concatenated in rank order, with gradients flowing back to each process's own
+        rows (as BLIP-2 does); `tensor` itself outside distributed training. Per-process batches must be equal."""
+        if not self._distributed():
+            return tensor
+        from torch.distributed.nn.functional import all_gather
+
+        return torch.cat(all_gather(tensor.contiguous()), dim=0)
+
+    def _gather_answers(self, input_ids: torch.LongTensor, attention_mask: torch.LongTensor) -> torch.Tensor:
+        """`(global_batch, 2 * length)`: every process's answer ids and mask, right-padded to a common length."""
+        rows = torch.cat([input_ids, attention_mask.to(input_ids)], 1)
+        if not self._distributed():
+            return rows
+        length = torch.tensor(input_ids.shape[1], device=input_ids.device)
+        torch.distributed.all_reduce(length, op=torch.distributed.ReduceOp.MAX)
+        pad = int(length) - input_ids.shape[1]
+        rows = torch.cat([F.pad(input_ids, (0, pad)), F.pad(attention_mask.to(input_ids), (0, pad))], 1)
+        gathered = [torch.empty_like(rows) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(gathered, rows)
+        return torch.cat(gathered, dim=0)
+
     def _image_text_similarity(self, query_output: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         """`(B_img, B_txt)`: best-matching query per pair (as in BLIP-2), divided by the clamped temperature."""
         image_features = F.normalize(self.vision_projection(query_output.to(self.vision_projection.weight.dtype)), dim=-1)
@@ -405,23 +433,27 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
             query_output, image_tokens, _ = self.get_image_features(pixel_values, patch_grid)
         # step 2: contrastive losses in the Q-Former space
         loss_itc_text = loss_itc_answer = logits_per_image = None
-        # a term with weight 0 is not computed at all (the Q-Former text passes are a large share of a step)
+        # a term with weight 0 is not computed at all (the Q-Former text passes are a large share of a step);
+        # in distributed training both terms compare every process's volumes with every process's texts
+        all_queries = None
         if query_output is not None and qformer_input_ids is not None and self.config.loss_weight_itc_text > 0:
+            all_queries = self._gather(query_output)
             logits_per_image = self._image_text_similarity(
-                query_output, self.get_text_features(qformer_input_ids, qformer_attention_mask)
+                all_queries, self._gather(self.get_text_features(qformer_input_ids, qformer_attention_mask))
             )
-            loss_itc_text = self._contrastive_loss(logits_per_image, torch.eye(len(query_output), dtype=torch.bool,
+            loss_itc_text = self._contrastive_loss(logits_per_image, torch.eye(len(all_queries), dtype=torch.bool,
                                                                                 device=query_output.device))
         if query_output is not None and qformer_answer_input_ids is not None and self.config.loss_weight_itc_answer > 0:
             # a batch holds a few distinct answers: encode each once, then gather one row per volume
             answer_mask = qformer_answer_attention_mask
             if answer_mask is None:
                 answer_mask = torch.ones_like(qformer_answer_input_ids)
-            answers = torch.cat([qformer_answer_input_ids, answer_mask.to(qformer_answer_input_ids)], 1)
+            answers = self._gather_answers(qformer_answer_input_ids, answer_mask)
             distinct, answer_index = torch.unique(answers, dim=0, return_inverse=True)
-            length = qformer_answer_input_ids.shape[1]
+            length = answers.shape[1] // 2
             answer_features = self.get_text_features(distinct[:, :length], distinct[:, length:])[answer_index]
-            similarity = self._image_text_similarity(query_output, answer_features)
+            all_queries = self._gather(query_output) if all_queries is None else all_queries
+            similarity = self._image_text_similarity(all_queries, answer_features)
             loss_itc_answer = self._contrastive_loss(similarity, answer_index[:, None] == answer_index[None, :])
         # step 3: the LM, with image tokens in the placeholder slots
         inputs_embeds = self._embed_prompt(input_ids, None, None, image_tokens=image_tokens)

@@ -10,7 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from configuration_medblip import MedBlipConfig
+from conftest import REPO_ROOT
+
+from configuration_medblip import PRESETS, MedBlipConfig
 from modeling_medblip import MedBlipForConditionalGeneration, inflate_patch_embedding
 
 TINY_T5 = {
@@ -534,3 +536,64 @@ def test_lora_model_save_load_round_trip(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(**batch).logits, model.eval()(**batch).logits)
     assert all(p.requires_grad == ("lora_" in n) for n, p in loaded.language_model.named_parameters())
+
+
+def test_contrastive_losses_see_the_global_batch_under_two_processes(tmp_path):
+    """Under torch.distributed each process gathers every process's image and text rows: the contrastive losses
+    and the DDP-averaged gradients equal those of one process on the whole batch, answers shared across processes
+    being positives and padded to a common length."""
+    from safetensors.torch import load_file, save_file
+
+    # no dropout: the reference and the two workers all run in training mode
+    config = tiny_config(loss_weight_itc_text=1.0, loss_weight_itc_answer=1.0, qformer_config={
+        **PRESETS["tiny"]["qformer_config"], "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0})
+    model = build(config)
+    batch = make_batch(config, batch_size=4)
+    # answers A, B | A, C: A is shared across the two halves; rows 0-1 are one token shorter (padding)
+    answer_a, answer_b, answer_c = [101, 2054, 3000, 102, 0], [101, 2054, 3001, 102, 0], [101, 2054, 3002, 3003, 102]
+    batch["qformer_answer_input_ids"] = torch.tensor([answer_a, answer_b, answer_a, answer_c])
+    batch["qformer_answer_attention_mask"] = (batch["qformer_answer_input_ids"] != 0).long()
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    save_file({k: v.contiguous() for k, v in batch.items()}, tmp_path / "batch.safetensors")
+    model.train()
+    output = model(**batch)
+    (output.loss_itc_text + output.loss_itc_answer).backward()
+    checked = ("query_tokens", "temperature", "vision_projection.weight", "vision_model.embeddings.patch_embedding.weight")
+    parameters = dict(model.named_parameters())
+    script = textwrap.dedent(f"""
+        import json, torch, torch.distributed as dist
+        from safetensors.torch import load_file, save_file
+        from modeling_medblip import MedBlipForConditionalGeneration
+        dist.init_process_group("gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        model = MedBlipForConditionalGeneration.from_pretrained({str(folder)!r}).train()
+        batch = {{k: v[2 * rank : 2 * rank + 2] for k, v in load_file({str(tmp_path / 'batch.safetensors')!r}).items()}}
+        if rank == 0:  # this half's longest answer is 4 tokens: the processor would pad it to 4
+            for key in ("qformer_answer_input_ids", "qformer_answer_attention_mask"):
+                batch[key] = batch[key][:, :4]
+        output = model(**batch)
+        (output.loss_itc_text + output.loss_itc_answer).backward()
+        parameters = dict(model.named_parameters())
+        gradients = {{}}
+        for name in {list(checked)!r}:
+            gradient = parameters[name].grad.clone()
+            dist.all_reduce(gradient)  # what DDP does: the mean over processes
+            gradients[name] = gradient / world
+        if rank == 0:
+            gradients["loss_itc_text"] = output.loss_itc_text.detach().reshape(1)
+            gradients["loss_itc_answer"] = output.loss_itc_answer.detach().reshape(1)
+            save_file(gradients, {str(tmp_path / 'distributed.safetensors')!r})
+        dist.destroy_process_group()
+    """)
+    (tmp_path / "worker.py").write_text(script)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             str(tmp_path / "worker.py")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    distributed = load_file(tmp_path / "distributed.safetensors")
+    torch.testing.assert_close(distributed["loss_itc_text"][0], output.loss_itc_text.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(distributed["loss_itc_answer"][0], output.loss_itc_answer.detach(), atol=1e-5, rtol=1e-5)
+    for name in checked:
+        torch.testing.assert_close(distributed[name], parameters[name].grad, atol=1e-5, rtol=1e-4, msg=name)
