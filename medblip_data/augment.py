@@ -5,7 +5,7 @@ It works on what the cache stores (patches of the processor's RAS volume, standa
 contrast, blur and noise, and without augmentation the language model memorises the training subjects from their
 image tokens (LM loss 0.01 by step 600 of the built-in default).
 
-Each volume's draw is a function of a string key (the training loop uses seed, epoch and image path), never of a
+Each volume's draw is a function of a string key (the training loop uses seed, epoch and scan identity), never of a
 global RNG state: the loader collates one batch ahead, so a resumed run must draw the same values again.
 
 Example::

@@ -54,6 +54,9 @@ def test_training_run_writes_hub_folder_plots_and_card(trained):
     card = (output / "README.md").read_text()
     assert "Not for clinical use" in card and "library_name: transformers" in card
     assert "| image_only | likelihood |" in card and "text_floor" in card
+    image_text = results["zeroshot"]["likelihood"]["image_text"]["all"]["balanced_accuracy"]
+    verdict = "met" if image_text >= 0.70 else "missed"
+    assert f"image + text {image_text:.3f} (target >= 0.70: {verdict})" in card
     assert set(results) == {"zeroshot", "test"}
 
 
@@ -241,7 +244,9 @@ def test_record_and_image_dropout_are_exclusive_and_reproducible(minilm_path):
     mmse_id = processor.qformer_tokenizer.convert_tokens_to_ids("mm")
     assert bool(batch["qformer_input_ids"].eq(mmse_id).any(1).all())
     assert 0.2 < float((~has_record).float().mean()) < 0.4 and 0.12 < float((image_slots == 0).float().mean()) < 0.28
-    assert torch.equal(collate(rows)["input_ids"], batch["input_ids"])  # a function of (seed, epoch, path)
+    assert torch.equal(collate(rows)["input_ids"], batch["input_ids"])  # a function of (seed, epoch, scan)
+    moved = [{**row, "image_path": "/elsewhere/" + row["image_path"]} for row in rows]  # another checkout
+    assert torch.equal(collate(moved)["input_ids"], batch["input_ids"])
     collate.epoch = 1
     assert not torch.equal(collate(rows)["input_ids"], batch["input_ids"])
     with pytest.raises(ValueError, match="record_dropout \\+ image_dropout must be <= 1"):
