@@ -86,7 +86,7 @@ class DataArguments:
         default_factory=list, metadata={"help": "cohort manifests (CSV/JSONL); empty = the built-in synthetic cohort"}
     )
     synthetic_dir: str = field(default="data/synthetic-cohort", metadata={"help": "where the synthetic cohort lives"})
-    synthetic_n_per_class: int = field(default=300, metadata={"help": "synthetic subjects per class"})
+    synthetic_n_per_class: int = field(default=400, metadata={"help": "synthetic subjects per class"})
     synthetic_size: int = field(default=64, metadata={"help": "synthetic volume size (voxels per side)"})
     synthetic_seed: int = field(default=0, metadata={"help": "seed of the synthetic cohort"})
     holdout_datasets: list[str] = field(
