@@ -1314,11 +1314,10 @@ class MedBlipProcessor(ProcessorMixin):
         else:
             with_image = [bool(slots) for slots in self._as_list(image_slots, count, "image_slots")]
         outputs.update(self._lm_inputs(records, questions, labels, with_image))
-        if qformer_records is None:
+        if qformer_records is not None:
+            qformer_records = self._as_list(qformer_records, count, "qformer_records")
+        else:
             qformer_records = records
-        elif isinstance(qformer_records, dict):
-            qformer_records = [qformer_records]
-        qformer_records = self._as_list(qformer_records, count, "qformer_records")
         outputs.update(self._qformer_inputs([render_record(r) for r in qformer_records], "qformer"))
         if labels is not None:
             answers = [f"{q} {self.answer_texts[label]}" for q, label in zip(questions, labels)]

@@ -562,7 +562,7 @@ def test_contrastive_losses_see_the_global_batch_under_two_processes(tmp_path):
     checked = ("query_tokens", "temperature", "vision_projection.weight", "vision_model.embeddings.patch_embedding.weight")
     parameters = dict(model.named_parameters())
     script = textwrap.dedent(f"""
-        import json, torch, torch.distributed as dist
+        import torch, torch.distributed as dist
         from safetensors.torch import load_file, save_file
         from modeling_medblip import MedBlipForConditionalGeneration
         dist.init_process_group("gloo")
