@@ -9,12 +9,17 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.utils import logging
 
 
+try:
+    from .labels_medblip import ID2LABEL
+except ImportError:
+    from labels_medblip import ID2LABEL
+
+
 logger = logging.get_logger(__name__)
 
 # GPT-2 BPE (50257 tokens) + "<image>" (50257) + "<pad>" (50258), padded to a multiple of 64 for speed.
 GPT2_IMAGE_TOKEN_ID = 50257
 GPT2_VOCAB_SIZE = 50304
-DIAGNOSIS_LABELS = {0: "CN", 1: "MCI", 2: "AD"}
 
 
 @strict
@@ -158,6 +163,9 @@ class MedBlipConfig(PreTrainedConfig):
             )
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
+        # `register_for_auto_class` records one auto class per model; AutoModel must load the full model too
+        self.auto_map = {"AutoModel": "modeling_medblip.MedBlipForConditionalGeneration",
+                         **(getattr(self, "auto_map", None) or {})}
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "MedBlipConfig":
@@ -196,7 +204,7 @@ PRESETS: dict[str, dict] = {
                            "intermediate_size": 64, "max_position_embeddings": 128, "cross_attention_frequency": 1},
         "text_config": _gpt2(32, 2, 2, n_positions=256),
         "num_query_tokens": 4, "image_token_index": GPT2_IMAGE_TOKEN_ID, "image_text_hidden_size": 16,
-        "id2label": DIAGNOSIS_LABELS,
+        "id2label": ID2LABEL,
     },
     # The CPU default of `python train.py`: Q-Former shaped like all-MiniLM-L6-v2 (initialised from its real
     # weights by train.py), a ViT and a small GPT-2 trained from scratch since no pretrained 3D weights exist here.
@@ -215,7 +223,7 @@ PRESETS: dict[str, dict] = {
         "text_config": _gpt2(256, 4, 4, n_positions=512),
         "num_query_tokens": 8, "image_token_index": GPT2_IMAGE_TOKEN_ID, "image_text_hidden_size": 128,
         "loss_weight_itc_text": 0.0, "loss_weight_itc_answer": 1.0,
-        "freeze_vision_encoder": False, "freeze_language_model": False, "id2label": DIAGNOSIS_LABELS,
+        "freeze_vision_encoder": False, "freeze_language_model": False, "id2label": ID2LABEL,
     },
     # The paper: EVA ViT-g, BERT-base Q-Former, 32 queries, FLAN-T5-XL (image token appended after T5's 32100).
     "paper": {
@@ -226,14 +234,14 @@ PRESETS: dict[str, dict] = {
             "num_decoder_layers": 24, "num_heads": 32, "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False,
             "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1,
         },
-        "num_query_tokens": 32, "image_token_index": 32100, "id2label": DIAGNOSIS_LABELS,
+        "num_query_tokens": 32, "image_token_index": 32100, "id2label": ID2LABEL,
     },
     # The paper's decoder-only variant: BioMedLM (GPT-2 architecture, 2.7B, width 2560, 32 layers, 20 heads).
     "paper-biomedlm": {
         "vision_config": _EVA_VIT_G,
         "qformer_config": _BERT_BASE_QFORMER,
         "text_config": _gpt2(2560, 32, 20, n_positions=1024),
-        "num_query_tokens": 32, "image_token_index": GPT2_IMAGE_TOKEN_ID, "id2label": DIAGNOSIS_LABELS,
+        "num_query_tokens": 32, "image_token_index": GPT2_IMAGE_TOKEN_ID, "id2label": ID2LABEL,
     },
 }  # fmt: skip
 

@@ -1,7 +1,6 @@
 """MedBLIP: 3D MRI patches -> frozen 2D-pretrained ViT blocks -> Q-Former -> image tokens of a (frozen) language model."""
 
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
@@ -22,8 +21,10 @@ from transformers.utils import ModelOutput, logging
 
 try:
     from .configuration_medblip import MedBlipConfig, MedBlipVisionConfig
+    from .losses_medblip import contrastive_loss, gather_token_rows, gather_with_grad, image_text_similarity
 except ImportError:
     from configuration_medblip import MedBlipConfig, MedBlipVisionConfig
+    from losses_medblip import contrastive_loss, gather_token_rows, gather_with_grad, image_text_similarity
 
 
 logger = logging.get_logger(__name__)
@@ -194,14 +195,9 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
             self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         else:
             self.language_model = AutoModelForSeq2SeqLM.from_config(config.text_config)
-        if config.lora_rank > 0:
-            self._add_lora_adapters()
         self.post_init()
-        if config.lora_rank > 0:  # post_init re-drew every Linear; LoRA must start as the identity
-            with torch.no_grad():
-                for name, parameter in self.language_model.named_parameters():
-                    if "lora_B" in name:
-                        parameter.zero_()
+        if config.lora_rank > 0:  # after post_init: peft's own initialisation (lora_B = 0, the identity) stands
+            self._add_lora_adapters()
         self.apply_freezing()
 
     # ------------------------------------------------------------------ setup helpers
@@ -242,12 +238,6 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
         loaded = model[0] if isinstance(model, tuple) else model  # output_loading_info=True returns a tuple
         loaded.apply_freezing()
         return model
-
-    def save_pretrained(self, save_directory, **kwargs):
-        # `register_for_auto_class` records one auto class; AutoModel must resolve to this head too.
-        module = self.__class__.__module__.split(".")[-1]
-        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": f"{module}.{self.__class__.__name__}"}
-        return super().save_pretrained(save_directory, **kwargs)
 
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()
@@ -346,50 +336,53 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
         )
 
     # ------------------------------------------------------------------ losses
-    def _contrastive_loss(self, similarity: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-        """Symmetric soft-target cross-entropy: each row's target is uniform over its positives, then smoothed."""
-        smoothing = self.config.itc_label_smoothing
+    def _image_features_for_contrast(self, query_output: torch.Tensor) -> torch.Tensor:
+        """Normalised contrastive embedding of each query `(B, Q, image_text_hidden_size)`."""
+        return F.normalize(self.vision_projection(query_output.to(self.vision_projection.weight.dtype)), dim=-1)
 
-        def one_direction(logits, positive_mask):
-            target = positive_mask.float() / positive_mask.float().sum(dim=1, keepdim=True)
-            target = (1 - smoothing) * target + smoothing / logits.shape[1]
-            return -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
-
-        return (one_direction(similarity, positives) + one_direction(similarity.t(), positives.t())) / 2
-
-    def _distributed(self) -> bool:
-        """Training under torch.distributed with several processes: the contrastive losses use the global batch."""
-        return (self.training and torch.distributed.is_available() and torch.distributed.is_initialized()
-                and torch.distributed.get_world_size() > 1)  # fmt: skip
-
-    def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Every process's rows, concatenated in rank order, with gradients flowing back to each process's own
-        rows (as BLIP-2 does); `tensor` itself outside distributed training. Per-process batches must be equal."""
-        if not self._distributed():
-            return tensor
-        from torch.distributed.nn.functional import all_gather
-
-        return torch.cat(all_gather(tensor.contiguous()), dim=0)
-
-    def _gather_answers(self, input_ids: torch.LongTensor, attention_mask: torch.LongTensor) -> torch.Tensor:
-        """`(global_batch, 2 * length)`: every process's answer ids and mask, right-padded to a common length."""
-        rows = torch.cat([input_ids, attention_mask.to(input_ids)], 1)
-        if not self._distributed():
-            return rows
-        length = torch.tensor(input_ids.shape[1], device=input_ids.device)
-        torch.distributed.all_reduce(length, op=torch.distributed.ReduceOp.MAX)
-        pad = int(length) - input_ids.shape[1]
-        rows = torch.cat([F.pad(input_ids, (0, pad)), F.pad(attention_mask.to(input_ids), (0, pad))], 1)
-        gathered = [torch.empty_like(rows) for _ in range(torch.distributed.get_world_size())]
-        torch.distributed.all_gather(gathered, rows)
-        return torch.cat(gathered, dim=0)
-
-    def _image_text_similarity(self, query_output: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        """`(B_img, B_txt)`: best-matching query per pair (as in BLIP-2), divided by the clamped temperature."""
-        image_features = F.normalize(self.vision_projection(query_output.to(self.vision_projection.weight.dtype)), dim=-1)
-        similarity = torch.einsum("iqd,td->itq", image_features, text_features).amax(dim=-1)
+    def contrastive_logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """`(B_img, B_txt)` similarities of normalised query embeddings `(B_img, Q, D)` (see
+        `_image_features_for_contrast`) and text embeddings `(B_txt, D)`, over the clamped temperature."""
         temperature = self.temperature.clamp(self.config.itc_temperature_min, self.config.itc_temperature_max)
-        return similarity / temperature
+        return image_text_similarity(image_features, text_features, temperature)
+
+    def contrastive_losses(
+        self,
+        query_output: torch.Tensor,
+        qformer_input_ids: torch.LongTensor | None = None,
+        qformer_attention_mask: torch.LongTensor | None = None,
+        qformer_answer_input_ids: torch.LongTensor | None = None,
+        qformer_answer_attention_mask: torch.LongTensor | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """`(loss_itc_text, loss_itc_answer, logits_per_image)` from the query outputs `(B, Q, qformer_hidden)`.
+
+        A term with weight 0 (or without its text) is not computed: the Q-Former text passes are a large share of a
+        step. In distributed training both terms compare every process's volumes with every process's texts.
+        """
+        gather = gather_with_grad if self.training else (lambda tensor: tensor)
+        smoothing = self.config.itc_label_smoothing
+        loss_itc_text = loss_itc_answer = logits_per_image = None
+        image_features = None
+        if qformer_input_ids is not None and self.config.loss_weight_itc_text > 0:
+            image_features = gather(self._image_features_for_contrast(query_output))
+            text_features = gather(self.get_text_features(qformer_input_ids, qformer_attention_mask))
+            logits_per_image = self.contrastive_logits(image_features, text_features)
+            positives = torch.eye(len(image_features), dtype=torch.bool, device=query_output.device)
+            loss_itc_text = contrastive_loss(logits_per_image, positives, smoothing)
+        if qformer_answer_input_ids is not None and self.config.loss_weight_itc_answer > 0:
+            # a batch holds a few distinct answers: encode each once, then gather one row per volume
+            answer_mask = qformer_answer_attention_mask
+            if answer_mask is None:
+                answer_mask = torch.ones_like(qformer_answer_input_ids)
+            rows = gather_token_rows(qformer_answer_input_ids, answer_mask, gather=self.training)
+            distinct, answer_index = torch.unique(rows, dim=0, return_inverse=True)
+            length = rows.shape[1] // 2
+            answer_features = self.get_text_features(distinct[:, :length], distinct[:, length:])[answer_index]
+            if image_features is None:
+                image_features = gather(self._image_features_for_contrast(query_output))
+            similarity = self.contrastive_logits(image_features, answer_features)
+            loss_itc_answer = contrastive_loss(similarity, answer_index[:, None] == answer_index[None, :], smoothing)
+        return loss_itc_text, loss_itc_answer, logits_per_image
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -433,28 +426,11 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
             query_output, image_tokens, _ = self.get_image_features(pixel_values, patch_grid)
         # step 2: contrastive losses in the Q-Former space
         loss_itc_text = loss_itc_answer = logits_per_image = None
-        # a term with weight 0 is not computed at all (the Q-Former text passes are a large share of a step);
-        # in distributed training both terms compare every process's volumes with every process's texts
-        all_queries = None
-        if query_output is not None and qformer_input_ids is not None and self.config.loss_weight_itc_text > 0:
-            all_queries = self._gather(query_output)
-            logits_per_image = self._image_text_similarity(
-                all_queries, self._gather(self.get_text_features(qformer_input_ids, qformer_attention_mask))
+        if query_output is not None:
+            loss_itc_text, loss_itc_answer, logits_per_image = self.contrastive_losses(
+                query_output, qformer_input_ids, qformer_attention_mask, qformer_answer_input_ids,
+                qformer_answer_attention_mask,
             )
-            loss_itc_text = self._contrastive_loss(logits_per_image, torch.eye(len(all_queries), dtype=torch.bool,
-                                                                                device=query_output.device))
-        if query_output is not None and qformer_answer_input_ids is not None and self.config.loss_weight_itc_answer > 0:
-            # a batch holds a few distinct answers: encode each once, then gather one row per volume
-            answer_mask = qformer_answer_attention_mask
-            if answer_mask is None:
-                answer_mask = torch.ones_like(qformer_answer_input_ids)
-            answers = self._gather_answers(qformer_answer_input_ids, answer_mask)
-            distinct, answer_index = torch.unique(answers, dim=0, return_inverse=True)
-            length = answers.shape[1] // 2
-            answer_features = self.get_text_features(distinct[:, :length], distinct[:, length:])[answer_index]
-            all_queries = self._gather(query_output) if all_queries is None else all_queries
-            similarity = self._image_text_similarity(all_queries, answer_features)
-            loss_itc_answer = self._contrastive_loss(similarity, answer_index[:, None] == answer_index[None, :])
         # step 3: the LM, with image tokens in the placeholder slots
         inputs_embeds = self._embed_prompt(input_ids, None, None, image_tokens=image_tokens)
         loss_lm = None
@@ -568,146 +544,6 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
         token_log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         return (token_log_probs * target_mask).sum(dim=-1).view(batch_size, num_candidates)
 
-    # ------------------------------------------------------------------ weight initialisation from checkpoints
-    def init_qformer_from_bert(self, bert) -> list[str]:
-        """Copy a BERT checkpoint (folder, Hub id or `BertModel`) into the Q-Former and its text embeddings.
-
-        Self-attention and FFN weights go to both the query and the text FFN; cross-attention stays as initialised.
-        BERT adds the token-type-0 embedding to every token, so it is folded into the position embeddings.
-        Returns the names of the Q-Former parameters that were written.
-        """
-        from transformers import AutoModel
-
-        bert_model = AutoModel.from_pretrained(bert) if isinstance(bert, str) else bert
-        source = bert_model.state_dict()
-        qformer_config = self.config.qformer_config
-        for key in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size"):
-            if getattr(bert_model.config, key) != getattr(qformer_config, key):
-                raise ValueError(
-                    f"BERT {key}={getattr(bert_model.config, key)} differs from the Q-Former's "
-                    f"{getattr(qformer_config, key)}"
-                )
-        prefix = "" if "embeddings.word_embeddings.weight" in source else "bert."
-        mapping = {
-            "embeddings.word_embeddings.weight": "embeddings.word_embeddings.weight",
-            "qformer.layernorm.weight": "embeddings.LayerNorm.weight",
-            "qformer.layernorm.bias": "embeddings.LayerNorm.bias",
-        }
-        layer_parts = {
-            "attention.attention.query": "attention.self.query", "attention.attention.key": "attention.self.key",
-            "attention.attention.value": "attention.self.value", "attention.output.dense": "attention.output.dense",
-            "attention.output.LayerNorm": "attention.output.LayerNorm", "intermediate.dense": "intermediate.dense",
-            "intermediate_query.dense": "intermediate.dense", "output.dense": "output.dense",
-            "output.LayerNorm": "output.LayerNorm", "output_query.dense": "output.dense",
-            "output_query.LayerNorm": "output.LayerNorm",
-        }  # fmt: skip
-        for layer in range(qformer_config.num_hidden_layers):
-            for ours, theirs in layer_parts.items():
-                for kind in ("weight", "bias"):
-                    mapping[f"qformer.encoder.layer.{layer}.{ours}.{kind}"] = f"encoder.layer.{layer}.{theirs}.{kind}"
-        targets = dict(self.named_parameters())
-        with torch.no_grad():
-            for ours, theirs in mapping.items():
-                targets[ours].copy_(source[prefix + theirs])
-            positions = source[prefix + "embeddings.position_embeddings.weight"]
-            token_type = source[prefix + "embeddings.token_type_embeddings.weight"][0]
-            length = self.embeddings.position_embeddings.weight.shape[0]
-            self.embeddings.position_embeddings.weight.copy_((positions + token_type)[:length])
-        return sorted(mapping) + ["embeddings.position_embeddings.weight"]
-
-    @classmethod
-    def from_blip2_pretrained(
-        cls,
-        name_or_path: str,
-        text_model: str | None = None,
-        volume_size: list[int] | tuple[int, ...] = (224, 224, 224),
-        depth_patch_size: int | None = None,
-        **config_overrides,
-    ) -> "MedBlipForConditionalGeneration":
-        """Start from a Hugging Face BLIP-2 checkpoint (`Blip2ForConditionalGeneration`).
-
-        Copies the ViT blocks, post-LayerNorm, CLS token, Q-Former, queries, language projection and LM; inflates
-        the 2D patch embedding to 3D (RGB averaged, kernel spread evenly over `depth_patch_size` slices, so a volume
-        constant along depth gives the 2D response) and the 2D position embedding to the 3D grid (repeated over
-        depth). `text_model` (folder or Hub id) swaps in another LM and re-initialises the language projection.
-        """
-        from transformers import AutoModel, Blip2ForConditionalGeneration
-
-        blip2 = Blip2ForConditionalGeneration.from_pretrained(name_or_path)
-        b2 = blip2.config
-        patch = b2.vision_config.patch_size
-        vision = {key: getattr(b2.vision_config, key) for key in (
-            "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "hidden_act",
-            "layer_norm_eps", "qkv_bias")}  # fmt: skip
-        vision.update(volume_size=list(volume_size), patch_size=[depth_patch_size or patch, patch, patch])
-        language_model = AutoModel.from_pretrained(text_model) if text_model else None
-        text_config = (language_model.config if language_model is not None else b2.text_config).to_dict()
-        config = MedBlipConfig(
-            vision_config=vision,
-            qformer_config=b2.qformer_config.to_dict(),
-            text_config=text_config,
-            num_query_tokens=b2.num_query_tokens,
-            image_token_index=b2.image_token_index,
-            **config_overrides,
-        )
-        model = cls(config)
-        source = blip2.state_dict()
-        target = model.state_dict()
-        copied = {}
-        for name, tensor in source.items():
-            if name.startswith("vision_model.embeddings."):
-                continue
-            if text_model and name.startswith(("language_model.", "language_projection.")):
-                continue
-            if name in target and target[name].shape == tensor.shape:
-                copied[name] = tensor
-            elif name.startswith(("qformer.", "query_tokens")):
-                raise ValueError(f"BLIP-2 tensor {name} {tuple(tensor.shape)} does not fit MedBLIP")
-        embeddings = model.vision_model.embeddings
-        copied["vision_model.embeddings.class_embedding"] = source["vision_model.embeddings.class_embedding"]
-        copied["vision_model.embeddings.patch_embedding.bias"] = source["vision_model.embeddings.patch_embedding.bias"]
-        copied["vision_model.embeddings.patch_embedding.weight"] = inflate_patch_embedding(
-            source["vision_model.embeddings.patch_embedding.weight"], embeddings.config.patch_size
-        )
-        copied["vision_model.embeddings.position_embedding"] = inflate_position_embedding(
-            source["vision_model.embeddings.position_embedding"], embeddings.config.grid_size
-        )
-        model.load_state_dict(copied, strict=False)
-        if language_model is not None:
-            lm = model.language_model
-            lm.load_state_dict(language_model.state_dict(), strict=False)
-        # BLIP-2's Q-Former has no text FFN: start it from the query FFN
-        with torch.no_grad():
-            for layer in model.qformer.encoder.layer:
-                layer.intermediate.load_state_dict(layer.intermediate_query.state_dict())
-                layer.output.load_state_dict(layer.output_query.state_dict())
-        return model.apply_freezing()
-
-
-def inflate_patch_embedding(weight_2d: torch.Tensor, patch_size: list[int]) -> torch.Tensor:
-    """Conv2d weight `(hidden, 3, p, p)` -> linear 3D patch weight `(hidden, pd*ph*pw)` for 1-channel volumes.
-
-    RGB is averaged (a grey image gives the same response) and the kernel is spread over depth, divided by `pd`.
-    """
-    pd, ph, pw = patch_size
-    kernel = weight_2d.mean(dim=1, keepdim=True)  # (hidden, 1, p, p)
-    if kernel.shape[-2:] != (ph, pw):
-        kernel = F.interpolate(kernel, size=(ph, pw), mode="bicubic", align_corners=False)
-    kernel_3d = kernel.unsqueeze(2).expand(-1, -1, pd, -1, -1) / pd  # (hidden, 1, pd, ph, pw)
-    return kernel_3d.reshape(kernel_3d.shape[0], -1).contiguous()
-
-
-def inflate_position_embedding(position_2d: torch.Tensor, grid: list[int]) -> torch.Tensor:
-    """`(1, 1 + g*g, hidden)` -> `(1, 1 + gd*gh*gw, hidden)`: resized in-plane, repeated over depth."""
-    class_pos, patch_pos = position_2d[:, :1], position_2d[:, 1:]
-    side = math.isqrt(patch_pos.shape[1])
-    gd, gh, gw = grid
-    plane = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
-    if (side, side) != (gh, gw):
-        plane = F.interpolate(plane, size=(gh, gw), mode="bicubic", align_corners=False)
-    volume = plane.unsqueeze(2).expand(-1, -1, gd, -1, -1)  # (1, C, gd, gh, gw)
-    return torch.cat([class_pos, volume.flatten(2).transpose(1, 2)], dim=1).contiguous()
-
 
 MedBlipVisionModel.register_for_auto_class("AutoModel")
 MedBlipForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
@@ -717,6 +553,4 @@ __all__ = [
     "MedBlipForConditionalGenerationModelOutput",
     "MedBlipPreTrainedModel",
     "MedBlipVisionModel",
-    "inflate_patch_embedding",
-    "inflate_position_embedding",
 ]

@@ -15,11 +15,13 @@ from transformers import pipeline as transformers_pipeline
 ZERO_SHOT_TASK = "zero-shot-volume-classification"
 VQA_TASK = "volume-question-answering"
 DEFAULT_TASK = ZERO_SHOT_TASK
-DEFAULT_CANDIDATE_LABELS = ("CN", "MCI", "AD")
 # Code files that `pipeline(...)` and the plots need beside the model; `save_medblip_for_hub` copies them.
 PIPELINE_FILES = ("pipeline_medblip.py", "plotting_medblip.py")
 PROCESSOR_FILES = ("processor_config.json", "tokenizer_config.json")
-MODEL_FILES = ("config.json", "configuration_medblip.py", "modeling_medblip.py", "processing_medblip.py")
+MODEL_FILES = (
+    "config.json", "configuration_medblip.py", "modeling_medblip.py", "losses_medblip.py", "processing_medblip.py",
+    "image_processing_medblip.py", "volume_medblip.py", "labels_medblip.py",
+)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 _VOLUME_KEYS = ("volume", "image", "array", "path")
 _INPUT_KEYS = {*_VOLUME_KEYS, "spacing", "affine", "record", "question"}
@@ -72,6 +74,12 @@ class _MedBlipPipeline(Pipeline):
         super().__init__(*args, **kwargs)
         # Pipeline batching pads `input_ids` on the tokenizer's side; it must be the side the processor pads on.
         self.tokenizer.padding_side = "right" if self.processor.is_encoder_decoder else "left"
+
+    @property
+    def class_labels(self) -> list[str]:
+        """The model's classes in id order, from `config.id2label` (the default candidates)."""
+        id2label = self.model.config.id2label
+        return [id2label[index] for index in sorted(id2label)]
 
     def _model_inputs(
         self, item: Any, record: Any = None, question: str | None = None, spacing: Any = None, affine: Any = None,
@@ -180,42 +188,19 @@ class ZeroShotVolumeClassificationPipeline(_MedBlipPipeline):
     def preprocess(self, item: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         return self._model_inputs(item, **kwargs)
 
-    def candidate_tensors(self, candidate_labels: Sequence[str]) -> dict[str, torch.Tensor]:
-        """`candidate_input_ids` / `candidate_attention_mask` `(K, Lc)`: `" " + answer + eos`, right-padded.
-
-        Known labels go through `MedBlipProcessor.candidate_inputs`; other strings are tokenised the same way
-        (the processor has no public method for free-text candidates).
-        """
-        known = []
-        for label in candidate_labels:
-            try:
-                known.append(self.processor.label_to_answer(label))
-            except ValueError:
-                known.append(None)
-        if all(answer is not None for answer in known):
-            return dict(self.processor.candidate_inputs(list(candidate_labels)))
-        tokenizer = self.processor.tokenizer
-        rows = [
-            tokenizer.encode(" " + (answer if answer is not None else label.strip()), add_special_tokens=False)
-            + [tokenizer.eos_token_id]
-            for label, answer in zip(candidate_labels, known)
-        ]
-        width = max(len(row) for row in rows)
-        ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows])
-        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
-        return {"candidate_input_ids": ids, "candidate_attention_mask": mask}
-
     def _forward(
-        self, model_inputs: dict[str, torch.Tensor], candidate_labels: Sequence[str] = DEFAULT_CANDIDATE_LABELS
+        self, model_inputs: dict[str, torch.Tensor], candidate_labels: Sequence[str] | None = None
     ) -> dict[str, torch.Tensor]:
-        candidates = {key: value.to(self.device) for key, value in self.candidate_tensors(candidate_labels).items()}
+        candidate_labels = candidate_labels or self.class_labels
+        candidates = self.processor.candidate_inputs(candidate_labels, free_text=True).to(self.device)
         log_likelihoods = self.model.score_candidates(**self._cast(model_inputs), **candidates)  # (B, K)
         return {"log_likelihoods": log_likelihoods}
 
     def postprocess(
-        self, model_outputs: dict[str, torch.Tensor], candidate_labels: Sequence[str] = DEFAULT_CANDIDATE_LABELS,
+        self, model_outputs: dict[str, torch.Tensor], candidate_labels: Sequence[str] | None = None,
         top_k: int | None = None,
     ) -> list[dict[str, Any]]:
+        candidate_labels = candidate_labels or self.class_labels
         scores = model_outputs["log_likelihoods"].float().reshape(-1).softmax(dim=-1).tolist()
         ranked = sorted(zip(scores, candidate_labels), key=lambda pair: -pair[0])
         return [{"label": label, "score": score} for score, label in ranked[:top_k]]

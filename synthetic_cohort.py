@@ -18,7 +18,7 @@ diffeomorphism and then "scanned" at one of five simulated acquisition sites:
 Health-record fields (age, sex, education, APOE e4, MMSE, CDR) follow ADNI-like priors; MMSE is a noisy
 function of the severity, so text alone is informative but not perfect.
 
-Output contract (``DIR/manifest.csv``, one row per scan; see ``MANIFEST_COLUMNS``): ``subject_id``,
+Output contract (``DIR/manifest.csv``, one row per scan; see ``COHORT_COLUMNS``): ``subject_id``,
 ``image_path`` (relative to DIR), ``diagnosis`` (CN/MCI/AD), ``dataset`` (site name), ``visit``, ``age``,
 ``sex`` ("F"/"M"), ``education`` (years), ``mmse``, ``cdr``, ``apoe4`` (0/1/2), ``notes``, and the ground
 truth ``ventricles_ml``, ``hippocampi_ml``. Images are 3D ``.nii.gz`` with sform/qform set (mm units).
@@ -49,14 +49,14 @@ import numpy as np
 from nibabel import orientations
 from scipy import ndimage
 
+from labels_medblip import DIAGNOSIS_LABELS
+from medblip_data.manifest import MANIFEST_COLUMNS
+
 logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 2
-CLASSES: tuple[str, ...] = ("CN", "MCI", "AD")
-MANIFEST_COLUMNS: tuple[str, ...] = (
-    "subject_id", "image_path", "diagnosis", "dataset", "visit", "age", "sex", "education",
-    "mmse", "cdr", "apoe4", "notes", "ventricles_ml", "hippocampi_ml",
-)
+# the manifest contract plus the ground-truth structure volumes (for the logistic-regression references)
+COHORT_COLUMNS: tuple[str, ...] = (*MANIFEST_COLUMNS, "ventricles_ml", "hippocampi_ml")
 MNI_BRAIN_CENTRE_MM: tuple[float, float, float] = (0.0, -18.0, 8.0)
 COARSE_FACTOR = 4  # velocity grid = 1 mm template grid / 4 (4 mm voxels)
 SQUARING_STEPS = 4  # max |v| < 1 coarse voxel: v / 16 is a small first step
@@ -318,7 +318,7 @@ def draw_subjects(n_per_class: int, seed: int, sites: Sequence[str], visits: int
     rng = np.random.default_rng(seed)
     scan_seeds = np.random.SeedSequence(seed).generate_state(3 * n_per_class)
     specs: list[SubjectSpec] = []
-    for c, diagnosis in enumerate(CLASSES):
+    for c, diagnosis in enumerate(DIAGNOSIS_LABELS):
         prior = PRIORS[diagnosis]
         site_order = rng.permutation(np.arange(n_per_class) % len(sites))
         for i in range(n_per_class):
@@ -585,7 +585,7 @@ def _run_jobs(jobs: list, num_workers: int, progress: bool) -> list[dict]:
 
 def _write_manifest(path: Path, rows: list[dict]) -> None:
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(MANIFEST_COLUMNS))
+        writer = csv.DictWriter(f, fieldnames=list(COHORT_COLUMNS))
         writer.writeheader()
         writer.writerows(rows)
 
@@ -596,11 +596,11 @@ def _write_manifest(path: Path, rows: list[dict]) -> None:
 def _pick_examples(rows: list[dict]) -> list[dict]:
     """One subject per class from one site: the one whose ventricle volume is closest to its class median."""
     full_sites = sorted(s for s in {r["dataset"] for r in rows}
-                        if {r["diagnosis"] for r in rows if r["dataset"] == s} == set(CLASSES))
+                        if {r["diagnosis"] for r in rows if r["dataset"] == s} == set(DIAGNOSIS_LABELS))
     if full_sites:
         rows = [r for r in rows if r["dataset"] == full_sites[0]]
     picked = []
-    for diagnosis in CLASSES:
+    for diagnosis in DIAGNOSIS_LABELS:
         members = [r for r in rows if r["diagnosis"] == diagnosis and r["visit"] == "bl"]
         median = float(np.median([float(r["ventricles_ml"]) for r in members]))
         picked.append(min(members, key=lambda r: abs(float(r["ventricles_ml"]) - median)))

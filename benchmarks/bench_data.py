@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
         collate_fn=train.training_collate(processor, model_args, train_args.seed),
     )  # fmt: skip
     optimizer = torch.optim.AdamW(train.optimizer_groups(model, 1e-4, 1e-4, 1e-4))
-    keep = int(processor.candidate_inputs(train.LABELS)["candidate_attention_mask"].sum(-1).max()) + 1
+    keep = int(processor.candidate_inputs(train.class_labels(model.config))["candidate_attention_mask"].sum(-1).max()) + 1
     model.train()
     load_times, step_times = [], []
     iterator = iter(loader)

@@ -91,7 +91,7 @@ def linear_tokens(name: str, tokens: dict) -> tuple[str, int, bool]:
             return "qformer text passes (itc)", tokens["qformer_text"], True
         return "qformer self-attn (queries + itc texts)", tokens["query"] + tokens["qformer_text"], True
     if name == "vision_projection":
-        return "projections", tokens["query"] * tokens["itc_passes"], True
+        return "projections", tokens["query"] * min(tokens["itc_passes"], 1), True  # projected once, shared by both terms
     if name == "text_projection":
         return "projections", tokens["itc_passes"], True  # the CLS token of each text pass
     if name == "language_projection":

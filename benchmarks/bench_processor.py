@@ -22,7 +22,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
-from processing_medblip import MedBlipImageProcessor  # noqa: E402
+from image_processing_medblip import MedBlipImageProcessor  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------------------------
 # defaults
@@ -99,7 +99,7 @@ def peak_memory_ratio(folder: Path) -> tuple[float, float]:
         import sys
         sys.path.insert(0, {str(REPO_ROOT)!r})
         import numpy as np
-        from processing_medblip import MedBlipImageProcessor
+        from image_processing_medblip import MedBlipImageProcessor
         processor = MedBlipImageProcessor(volume_size={volume_size}, target_spacing={target_spacing})
         processor(np.random.default_rng(0).random((64, 64, 64)), spacing=(1, 1, 1))  # warm up kernels
         def status_kib(field):  # VmHWM is reset by exec (ru_maxrss is inherited from the forking parent)

@@ -9,8 +9,6 @@ Public API::
 """
 
 from .manifest import (
-    CLASSES,
-    DIAGNOSIS_TABLE,
     MANIFEST_COLUMNS,
     REQUIRED_COLUMNS,
     ManifestError,
@@ -22,8 +20,6 @@ from .manifest import (
 )
 
 __all__ = [
-    "CLASSES",
-    "DIAGNOSIS_TABLE",
     "MANIFEST_COLUMNS",
     "REQUIRED_COLUMNS",
     "ManifestError",

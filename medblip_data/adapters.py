@@ -23,14 +23,15 @@ Label policies (explicit, tested):
 from __future__ import annotations
 
 import logging
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
+
+from labels_medblip import is_missing, normalize_sex, number_or_none
 
 from .manifest import MANIFEST_COLUMNS
 
@@ -49,38 +50,8 @@ _KEY_COLUMNS: tuple[str, ...] = ("RID", "PTID", "NACCID", "ID", "Subject ID", "V
 # ---------------------------------------------------------------------------- value helpers
 
 
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == ""
-
-
-def _number(value: Any, missing_codes: Iterable[float] = (-4.0,), low: float = -math.inf,
-            high: float = math.inf) -> float | None:
-    """Float of ``value``, or None when blank, non-numeric, a missing code, or outside [low, high]."""
-    if _missing(value):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    if math.isnan(number) or number in set(missing_codes) or not low <= number <= high:
-        return None
-    return number
-
-
-def _sex(value: Any, codes: dict[str, str] | None = None) -> str | None:
-    """"F"/"M" from Male/Female/M/F text, or from numeric ``codes`` such as {"1": "M", "2": "F"}."""
-    if _missing(value):
-        return None
-    text = str(value).strip().lower()
-    if codes:
-        key = text[:-2] if text.endswith(".0") else text
-        if key in codes:
-            return codes[key]
-    return {"f": "F", "female": "F", "m": "M", "male": "M"}.get(text)
-
-
 def _text(value: Any) -> str | None:
-    if _missing(value):
+    if is_missing(value):
         return None
     text = str(value).strip()
     return text[:-2] if re.fullmatch(r"-?\d+\.0", text) else text
@@ -88,7 +59,7 @@ def _text(value: Any) -> str | None:
 
 def _date_tokens(value: Any) -> list[str]:
     """``YYYY-MM-DD`` and ``YYYYMMDD`` forms of a date (as found in ADNI/AIBL folder and file names)."""
-    if _missing(value):
+    if is_missing(value):
         return []
     stamp = pd.to_datetime(str(value), errors="coerce")
     if pd.isna(stamp):
@@ -144,21 +115,21 @@ def adni_records(table: pd.DataFrame, dataset: str = "ADNI") -> AdapterResult:
         label = _text(r["DX"])
         if label is None and str(r["VISCODE"]).strip().lower() == "bl" and "DX_bl" in table.columns:
             label = _text(r["DX_bl"])
-        age = _number(r["AGE"])
-        years = _number(r.get("Years_bl")) if "Years_bl" in table.columns else None
+        age = number_or_none(r["AGE"])
+        years = number_or_none(r.get("Years_bl")) if "Years_bl" in table.columns else None
         record = _record(
             dataset, str(r["PTID"]).strip(), _text(r["VISCODE"]), label, str(r["PTID"]).strip(),
             [_text(r["VISCODE"]), *_date_tokens(r.get("EXAMDATE"))],
-            age=None if age is None else round(age + (years or 0.0), 1), sex=_sex(r["PTGENDER"]),
-            education=_number(r["PTEDUCAT"]), mmse=_number(r["MMSE"], low=0, high=30),
-            apoe4=_number(r["APOE4"], low=0, high=2),
-            cdrsb=_number(r.get("CDRSB")) if "CDRSB" in table.columns else None)
+            age=None if age is None else round(age + (years or 0.0), 1), sex=normalize_sex(r["PTGENDER"]),
+            education=number_or_none(r["PTEDUCAT"]), mmse=number_or_none(r["MMSE"], low=0, high=30),
+            apoe4=number_or_none(r["APOE4"], low=0, high=2),
+            cdrsb=number_or_none(r.get("CDRSB")) if "CDRSB" in table.columns else None)
         result.add(record, label, "no diagnosis (DX/DX_bl)")
     return result
 
 
 def _cdr_label(value: Any) -> str | None:
-    cdr = _number(value, low=0, high=3)
+    cdr = number_or_none(value, low=0, high=3)
     return None if cdr is None else f"CDR {cdr:g}"
 
 
@@ -173,13 +144,13 @@ def oasis1_records(table: pd.DataFrame, dataset: str = "OASIS-1") -> AdapterResu
         if match is None:
             result.exclude("ID not of the form OAS1_xxxx_MRn")
             continue
-        educ = _number(r["Educ"])
-        cdr = _number(r["CDR"])
+        educ = number_or_none(r["Educ"])
+        cdr = number_or_none(r["CDR"])
         record = _record(
             dataset, match.group(1), match.group(2), label, match.group(1), [scan_id],
-            age=_number(r["Age"]), sex=_sex(r["M/F"]),
+            age=number_or_none(r["Age"]), sex=normalize_sex(r["M/F"]),
             education=None if educ is None else OASIS1_EDUCATION_YEARS.get(int(educ)),
-            mmse=_number(r["MMSE"], low=0, high=30), cdr=cdr)
+            mmse=number_or_none(r["MMSE"], low=0, high=30), cdr=cdr)
         result.add(record, label, "no CDR (unlabelled)")
     return result
 
@@ -193,8 +164,8 @@ def oasis2_records(table: pd.DataFrame, dataset: str = "OASIS-2") -> AdapterResu
         mri_id = str(r["MRI ID"]).strip()
         record = _record(
             dataset, str(r["Subject ID"]).strip(), mri_id.rsplit("_", 1)[-1], label, str(r["Subject ID"]).strip(),
-            [mri_id], age=_number(r["Age"]), sex=_sex(r["M/F"]), education=_number(r["EDUC"]),
-            mmse=_number(r["MMSE"], low=0, high=30), cdr=_number(r["CDR"]), oasis_group=_text(r["Group"]))
+            [mri_id], age=number_or_none(r["Age"]), sex=normalize_sex(r["M/F"]), education=number_or_none(r["EDUC"]),
+            mmse=number_or_none(r["MMSE"], low=0, high=30), cdr=number_or_none(r["CDR"]), oasis_group=_text(r["Group"]))
         result.add(record, label, "no CDR (unlabelled)")
     return result
 
@@ -204,21 +175,21 @@ def nacc_records(table: pd.DataFrame, dataset: str = "NACC") -> AdapterResult:
     _require(table, ("NACCID", "NACCVNUM", "NACCUDSD", "NACCAGE", "SEX", "EDUC", "NACCMMSE"), "NACC")
     result = AdapterResult([])
     for _, r in table.iterrows():
-        code = _number(r["NACCUDSD"])
+        code = number_or_none(r["NACCUDSD"])
         label = None if code is None else NACC_DIAGNOSIS.get(int(code))
         visit = _text(r["NACCVNUM"])
         record = _record(
             dataset, str(r["NACCID"]).strip(), f"v{visit}", label, str(r["NACCID"]).strip(),
             [f"v{visit}", f"visit{visit}", f"visit_{visit}", f"visit-{visit}"],
-            age=_number(r["NACCAGE"], (-4.0,), 18, 120), sex=_sex(r["SEX"], {"1": "M", "2": "F"}),
-            education=_number(r["EDUC"], (-4.0, 99.0), 0, 36),
-            mmse=_number(r["NACCMMSE"], MISSING_CODES, 0, 30), naccudsd=None if code is None else int(code))
+            age=number_or_none(r["NACCAGE"], (-4.0,), 18, 120), sex=normalize_sex(r["SEX"], {"1": "M", "2": "F"}),
+            education=number_or_none(r["EDUC"], (-4.0, 99.0), 0, 36),
+            mmse=number_or_none(r["NACCMMSE"], MISSING_CODES, 0, 30), naccudsd=None if code is None else int(code))
         result.add(record, label, "NACCUDSD 2 (impaired, not MCI)" if code == 2 else "NACCUDSD missing or unknown")
     return result
 
 
 def _birth_year(value: Any) -> float | None:
-    match = re.search(r"(\d{4})", str(value)) if not _missing(value) else None
+    match = re.search(r"(\d{4})", str(value)) if not is_missing(value) else None
     return float(match.group(1)) if match else None
 
 
@@ -227,7 +198,7 @@ def aibl_records(table: pd.DataFrame, dataset: str = "AIBL") -> AdapterResult:
     _require(table, ("RID", "VISCODE", "DXCURREN"), "AIBL")
     result = AdapterResult([])
     for _, r in table.iterrows():
-        code = _number(r["DXCURREN"])
+        code = number_or_none(r["DXCURREN"])
         label = None if code is None else AIBL_DIAGNOSIS.get(int(code))
         rid = _text(r["RID"])
         dates = _date_tokens(r.get("EXAMDATE"))
@@ -235,8 +206,8 @@ def aibl_records(table: pd.DataFrame, dataset: str = "AIBL") -> AdapterResult:
         age = float(dates[0][:4]) - birth if dates and birth else None
         record = _record(
             dataset, rid, _text(r["VISCODE"]), label, f"AIBL_{rid}",
-            [_text(r["VISCODE"]), *dates], age=age, sex=_sex(r.get("PTGENDER"), {"1": "M", "2": "F"}),
-            mmse=_number(r.get("MMSCORE"), MISSING_CODES, 0, 30))
+            [_text(r["VISCODE"]), *dates], age=age, sex=normalize_sex(r.get("PTGENDER"), {"1": "M", "2": "F"}),
+            mmse=number_or_none(r.get("MMSCORE"), MISSING_CODES, 0, 30))
         result.add(record, label, "DXCURREN missing or unknown")
     return result
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from processing_medblip import patches_to_volume, volume_to_patches
+from volume_medblip import patches_to_volume, volume_to_patches
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .manifest import CLASSES, normalize_diagnosis, read_manifest
+from labels_medblip import DIAGNOSIS_LABELS, normalize_diagnosis
+
+from .manifest import read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +79,7 @@ def fit_and_score(train: pd.DataFrame, test: pd.DataFrame, columns: Sequence[str
     truth = test["diagnosis"]
     return {"balanced_accuracy": float(balanced_accuracy_score(truth, predicted)),
             "accuracy": float(accuracy_score(truth, predicted)),
-            "macro_f1": float(f1_score(truth, predicted, average="macro", labels=list(CLASSES), zero_division=0))}
+            "macro_f1": float(f1_score(truth, predicted, average="macro", labels=list(DIAGNOSIS_LABELS), zero_division=0))}
 
 
 def reference_baselines(train_rows: Sequence[Mapping[str, Any]] | pd.DataFrame,

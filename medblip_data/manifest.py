@@ -35,19 +35,16 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from processing_medblip import DIAGNOSIS_TABLE, normalize_diagnosis  # noqa: F401 (one label table, re-exported)
+from labels_medblip import DIAGNOSIS_LABELS, is_missing, normalize_diagnosis, normalize_sex
 
 logger = logging.getLogger(__name__)
 
-CLASSES: tuple[str, ...] = ("CN", "MCI", "AD")
 REQUIRED_COLUMNS: tuple[str, ...] = ("subject_id", "image_path", "diagnosis", "dataset")
 OPTIONAL_COLUMNS: tuple[str, ...] = ("visit", "age", "sex", "education", "mmse", "cdr", "apoe4", "notes")
 MANIFEST_COLUMNS: tuple[str, ...] = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
 TEXT_COLUMNS: tuple[str, ...] = ("subject_id", "image_path", "diagnosis", "dataset", "visit", "sex", "notes")
 NUMERIC_COLUMNS: tuple[str, ...] = ("age", "education", "mmse", "cdr", "apoe4")
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
-
-SEX_TABLE: dict[str, str] = {"f": "F", "female": "F", "woman": "F", "m": "M", "male": "M", "man": "M"}
 
 
 class ManifestError(ValueError):
@@ -70,7 +67,7 @@ def _read_table(path: Path) -> pd.DataFrame:
 
 
 def _blank(series: pd.Series) -> pd.Series:
-    return series.isna() | (series.astype(str).str.strip() == "")
+    return series.map(is_missing).astype(bool)
 
 
 def _coerce(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
@@ -85,7 +82,7 @@ def _coerce(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
             rows = (np.flatnonzero(bad.to_numpy()) + 2).tolist()[:5]
             raise ManifestError(f"{path}: column {column!r} has non-numeric values at rows {rows}")
         frame[column] = values.astype(float)
-    frame["sex"] = [None if s is None else SEX_TABLE.get(s.lower(), s) for s in frame["sex"]]
+    frame["sex"] = [None if s is None else normalize_sex(s) or s for s in frame["sex"]]
     return frame
 
 
@@ -129,9 +126,9 @@ def subject_key(dataset: str, subject_id: str) -> str:
 
 def _subject_labels(frame: pd.DataFrame) -> pd.Series:
     """One label per subject for stratification: the most severe class among the subject's scans."""
-    order = {c: i for i, c in enumerate(CLASSES)}
+    order = {c: i for i, c in enumerate(DIAGNOSIS_LABELS)}
     rank = frame["diagnosis"].map(order)
-    return rank.groupby(frame["_subject"]).max().map(dict(enumerate(CLASSES)))
+    return rank.groupby(frame["_subject"]).max().map(dict(enumerate(DIAGNOSIS_LABELS)))
 
 
 def assign_splits(frame: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int) -> dict[str, str]:
@@ -166,7 +163,7 @@ def split_report(dataset_dict: Any) -> pd.DataFrame:
     for split, ds in dataset_dict.items():
         table = pd.DataFrame({"subject": [subject_key(d, s) for d, s in zip(ds["dataset"], ds["subject_id"])],
                               "diagnosis": ds["diagnosis"]})
-        for cls in (*CLASSES, "all"):
+        for cls in (*DIAGNOSIS_LABELS, "all"):
             part = table if cls == "all" else table[table["diagnosis"] == cls]
             records.append({"split": split, "class": cls, "subjects": part["subject"].nunique(),
                             "scans": len(part)})

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from medblip_data.augment import VolumeAugmentation
-from processing_medblip import MedBlipImageProcessor, patches_to_volume
+from image_processing_medblip import MedBlipImageProcessor
+from volume_medblip import patches_to_volume
 
 PATCH = (8, 8, 8)
 

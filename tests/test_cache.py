@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from medblip_data.cache import BadScanError, build_cache, cache_folder_of, read_bad_scans
-from processing_medblip import MedBlipImageProcessor
+from image_processing_medblip import MedBlipImageProcessor
 
 
 def write_scan(path, shape=(20, 24, 20), seed=0, axcodes_flip=False):

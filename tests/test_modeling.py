@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import REPO_ROOT
 
 from configuration_medblip import PRESETS, MedBlipConfig
-from modeling_medblip import MedBlipForConditionalGeneration, inflate_patch_embedding
+from modeling_medblip import MedBlipForConditionalGeneration
 
 TINY_T5 = {
     "model_type": "t5", "vocab_size": 512, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2,
@@ -252,11 +252,9 @@ def test_placeholder_count_mismatch_raises():
 def tiny_processor(minilm_path):
     from transformers import AutoTokenizer
 
-    from processing_medblip import (
-        MedBlipImageProcessor,
-        MedBlipProcessor,
-        build_gpt2_tokenizer,
-    )
+    from convert_medblip import build_gpt2_tokenizer
+    from image_processing_medblip import MedBlipImageProcessor
+    from processing_medblip import MedBlipProcessor
 
     return MedBlipProcessor(MedBlipImageProcessor(volume_size=(32, 32, 32), patch_size=(8, 8, 8)),
                             build_gpt2_tokenizer(), AutoTokenizer.from_pretrained(minilm_path), num_query_tokens=4)
@@ -400,7 +398,7 @@ def test_answer_contrastive_loss_counts_same_answers_as_positives():
         output = model(**batch)
         query_output = model.get_image_features(batch["pixel_values"])[0]
         answer_features = model.get_text_features(batch["qformer_answer_input_ids"])
-        similarity = model._image_text_similarity(query_output, answer_features)
+        similarity = model.contrastive_logits(model._image_features_for_contrast(query_output), answer_features)
     labels = batch["qformer_answer_input_ids"][:, 2]
     positives = (labels[:, None] == labels[None, :]).float()
     smoothing = config.itc_label_smoothing
@@ -419,92 +417,8 @@ def test_temperature_is_clamped():
         model.temperature.fill_(1e-6)
         query_output = torch.randn(2, config.num_query_tokens, config.qformer_config.hidden_size)
         text = F.normalize(torch.randn(2, config.image_text_hidden_size), dim=-1)
-        similarity = model._image_text_similarity(query_output, text)
+        similarity = model.contrastive_logits(model._image_features_for_contrast(query_output), text)
     assert similarity.abs().max() <= 1 / config.itc_temperature_min + 1e-3
-
-
-def test_init_qformer_from_real_minilm(minilm_path):
-    from transformers import AutoModel
-
-    config = MedBlipConfig.from_preset("small")
-    config.vision_config.num_hidden_layers = 1
-    config.text_config.n_layer = 1
-    model = MedBlipForConditionalGeneration(config)
-    bert = AutoModel.from_pretrained(minilm_path)
-    source = bert.state_dict()
-    cross_before = model.qformer.encoder.layer[0].crossattention.attention.query.weight.clone()
-    written = model.init_qformer_from_bert(minilm_path)
-    params = dict(model.named_parameters())
-    assert len(written) == 3 + 6 * 22 + 1
-    torch.testing.assert_close(params["embeddings.word_embeddings.weight"], source["embeddings.word_embeddings.weight"])
-    torch.testing.assert_close(
-        params["qformer.encoder.layer.5.attention.attention.value.weight"],
-        source["encoder.layer.5.attention.self.value.weight"],
-    )
-    for ours in ("intermediate", "intermediate_query"):
-        torch.testing.assert_close(
-            params[f"qformer.encoder.layer.3.{ours}.dense.weight"], source["encoder.layer.3.intermediate.dense.weight"]
-        )
-    torch.testing.assert_close(
-        params["embeddings.position_embeddings.weight"],
-        source["embeddings.position_embeddings.weight"] + source["embeddings.token_type_embeddings.weight"][0],
-    )
-    torch.testing.assert_close(params["qformer.encoder.layer.0.crossattention.attention.query.weight"], cross_before)
-    # The copied text path computes what MiniLM computes: same [CLS] state before the projection.
-    ids = torch.tensor([[101, 2026, 3899, 2003, 2757, 102]])
-    model.eval()
-    with torch.no_grad():
-        ours = model.qformer(query_embeds=model.embeddings(input_ids=ids), query_length=0).last_hidden_state
-        theirs = bert.eval()(input_ids=ids).last_hidden_state
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
-
-
-def test_init_qformer_from_bert_rejects_other_shapes(minilm_path):
-    model = build(tiny_config())
-    with pytest.raises(ValueError, match="hidden_size=384 differs"):
-        model.init_qformer_from_bert(minilm_path)
-
-
-def test_from_blip2_pretrained_copies_every_tensor(tmp_path):
-    from transformers import Blip2Config, Blip2ForConditionalGeneration
-
-    blip2_config = Blip2Config(
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8},
-        qformer_config={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
-                        "max_position_embeddings": 64},
-        text_config={"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "vocab_size": 300},
-        num_query_tokens=4, image_token_index=299,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    blip2 = Blip2ForConditionalGeneration(blip2_config)
-    blip2.save_pretrained(tmp_path)
-    source = blip2.state_dict()
-    model = MedBlipForConditionalGeneration.from_blip2_pretrained(str(tmp_path), volume_size=(32, 32, 32))
-    target = model.state_dict()
-    copied = [n for n in source if not n.startswith("vision_model.embeddings.")]
-    for name in copied:
-        torch.testing.assert_close(target[name], source[name], msg=name)
-    for name in ("class_embedding", "patch_embedding.bias"):
-        key = f"vision_model.embeddings.{name}"
-        torch.testing.assert_close(target[key], source[key])
-    # inflation: a volume constant along depth gives the 2D patch response of the grey image
-    weight_2d = source["vision_model.embeddings.patch_embedding.weight"]
-    torch.testing.assert_close(target["vision_model.embeddings.patch_embedding.weight"],
-                               inflate_patch_embedding(weight_2d, [8, 8, 8]))
-    image = torch.rand(8, 8)
-    response_2d = (weight_2d * image.expand(3, 8, 8)).sum(dim=(1, 2, 3)) / 3
-    response_3d = target["vision_model.embeddings.patch_embedding.weight"] @ image.expand(8, 8, 8).reshape(-1)
-    torch.testing.assert_close(response_3d, response_2d, atol=1e-5, rtol=1e-4)
-    position_2d = source["vision_model.embeddings.position_embedding"]
-    position_3d = target["vision_model.embeddings.position_embedding"]
-    assert position_3d.shape == (1, 1 + 64, 32)
-    torch.testing.assert_close(position_3d[0, 1:17], position_2d[0, 1:])  # depth slice 0 = the 2D grid
-    torch.testing.assert_close(position_3d[0, 17:33], position_2d[0, 1:])
-    # the text FFN, absent from BLIP-2, starts from the query FFN
-    layer = model.qformer.encoder.layer[1]
-    torch.testing.assert_close(layer.intermediate.dense.weight, layer.intermediate_query.dense.weight)
-    assert not any(p.requires_grad for p in model.language_model.parameters())
 
 
 def test_lora_adapters_train_while_language_model_stays_frozen():

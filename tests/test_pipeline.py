@@ -15,6 +15,8 @@ import torch
 from transformers import AutoTokenizer, pipeline
 
 from configuration_medblip import MedBlipConfig
+from convert_medblip import build_gpt2_tokenizer
+from image_processing_medblip import MedBlipImageProcessor
 from modeling_medblip import MedBlipForConditionalGeneration
 from pipeline_medblip import (
     VQA_TASK,
@@ -24,7 +26,7 @@ from pipeline_medblip import (
     load_medblip_pipeline,
     save_medblip_for_hub,
 )
-from processing_medblip import MedBlipImageProcessor, MedBlipProcessor, build_gpt2_tokenizer
+from processing_medblip import MedBlipProcessor
 
 RECORDS = [{"age": 74, "sex": "F", "mmse": 24}, {"age": 81.5, "sex": "M", "education": 12, "mmse": 19, "apoe4": 2}]
 

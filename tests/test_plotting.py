@@ -76,7 +76,7 @@ def test_invalid_arguments():
 def test_a_left_right_flipped_file_still_shows_the_patient_right_on_the_left(tmp_path):
     import nibabel
 
-    from processing_medblip import MedBlipImageProcessor
+    from image_processing_medblip import MedBlipImageProcessor
 
     data = np.full((20, 20, 20), 0.2, dtype=np.float32)
     data[:4, -4:, -4:] = 1.0  # LAS storage: array index 0 is the patient's right

@@ -12,15 +12,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from processing_medblip import (
-    MedBlipImageProcessor,
-    Resample,
-    ToTensor,
-    Volume,
-    VolumeError,
-    patches_to_volume,
-    volume_to_patches,
-)
+from image_processing_medblip import MedBlipImageProcessor
+from volume_medblip import Spacing, ToTensor, Volume, VolumeError, patches_to_volume, volume_to_patches
 
 SMALL = dict(volume_size=(32, 32, 32), patch_size=(8, 8, 8))
 
@@ -126,7 +119,7 @@ def test_resampling_keeps_sphere_radius_in_mm(spacing):
     sphere = (np.sqrt(sum(g**2 for g in grids)) <= radius).astype(np.float32)
     volume = ToTensor()(Volume(sphere[None], np.diag([*spacing, 1.0])))
     assert abs(_sphere_radius_mm(volume) - radius) < 1.0
-    resampled = Resample((2.0, 2.0, 2.0))(volume)
+    resampled = Spacing((2.0, 2.0, 2.0))(volume)
     np.testing.assert_allclose(resampled.spacing, 2.0, rtol=0.03)
     assert abs(_sphere_radius_mm(resampled) - radius) < 2.0  # within one 2 mm voxel
     # extent along every axis (world coordinates of voxels inside) stays +-radius
@@ -146,7 +139,7 @@ def test_resample_matches_scipy_at_recorded_affine(mni_template):
     data = np.asarray(mni_template.dataobj, dtype=np.float32)[::2, ::2, ::2]  # keep it small and fast
     affine = mni_template.affine @ np.diag([2.0, 2.0, 2.0, 1.0])
     volume = ToTensor()(Volume(data[None], affine))
-    out = Resample((3.0, 2.5, 3.5))(volume)
+    out = Spacing((3.0, 2.5, 3.5))(volume)
     to_input = np.linalg.inv(affine) @ out.affine
     index = np.stack(np.meshgrid(*[np.arange(n) for n in out.spatial_shape], indexing="ij"), 0).reshape(3, -1)
     coords = to_input[:3, :3] @ index + to_input[:3, 3:4]
@@ -231,10 +224,16 @@ def test_array_tensor_nibabel_and_mixed_batch_agree(anatomical_nii):
 def test_docstring_examples_run():
     import doctest
 
+    import image_processing_medblip
+    import labels_medblip
     import processing_medblip
 
-    failures, attempted = doctest.testmod(processing_medblip, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert attempted >= 3 and failures == 0
+    attempted = 0
+    for module in (image_processing_medblip, labels_medblip, processing_medblip):
+        failures, tried = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+        assert failures == 0, module.__name__
+        attempted += tried
+    assert attempted >= 3
 
 
 def test_mgz_and_nii_copies_agree(tmp_path, anatomical_nii):

@@ -13,14 +13,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from processing_medblip import (
-    DEFAULT_ANSWER_TEXTS,
-    MedBlipImageProcessor,
-    MedBlipProcessor,
-    build_gpt2_tokenizer,
-    normalize_diagnosis,
-    render_record,
-)
+from convert_medblip import build_gpt2_tokenizer
+from image_processing_medblip import MedBlipImageProcessor
+from labels_medblip import DEFAULT_ANSWER_TEXTS, normalize_diagnosis, render_record
+from processing_medblip import MedBlipProcessor
 
 NUM_QUERY = 4
 RECORD = {"age": 74, "sex": "F", "education": 16, "mmse": 27, "apoe4": 1}

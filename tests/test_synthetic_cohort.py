@@ -23,9 +23,9 @@ def cohort(tmp_path_factory):
 def test_manifest_schema_and_values(cohort):
     manifest, rows = cohort
     with manifest.open(newline="") as f:
-        assert tuple(next(csv.reader(f))) == sc.MANIFEST_COLUMNS
+        assert tuple(next(csv.reader(f))) == sc.COHORT_COLUMNS
     assert len(rows) == 3 * N_PER_CLASS
-    assert {r["diagnosis"] for r in rows} == set(sc.CLASSES)
+    assert {r["diagnosis"] for r in rows} == set(sc.DIAGNOSIS_LABELS)
     assert {r["sex"] for r in rows} <= {"F", "M"}
     assert all(r["dataset"] in sc.DEFAULT_SITES for r in rows)
     assert all(0 <= int(r["mmse"]) <= 30 and int(r["apoe4"]) in (0, 1, 2) for r in rows)

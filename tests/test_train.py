@@ -15,6 +15,7 @@ from safetensors import safe_open
 from sklearn import metrics as skm
 
 import train
+from medblip_data.collate import make_collate
 
 LABELS = ["CN", "MCI", "AD"]
 
@@ -224,17 +225,15 @@ def test_optimizer_groups_split_learning_rates_and_weight_decay():
 def test_record_and_image_dropout_are_exclusive_and_reproducible(minilm_path):
     from transformers import AutoTokenizer
 
-    from processing_medblip import (
-        MedBlipImageProcessor,
-        MedBlipProcessor,
-        build_gpt2_tokenizer,
-    )
+    from convert_medblip import build_gpt2_tokenizer
+    from image_processing_medblip import MedBlipImageProcessor
+    from processing_medblip import MedBlipProcessor
 
     processor = MedBlipProcessor(MedBlipImageProcessor(volume_size=(16, 16, 16), patch_size=(8, 8, 8)),
                                  build_gpt2_tokenizer(), AutoTokenizer.from_pretrained(minilm_path), num_query_tokens=4)
     rows = [{"image_path": f"images/sub-{i:03d}.nii.gz", "diagnosis": "CN", "age": 70 + i % 9, "mmse": 28,
              "pixel_values": np.zeros((8, 512), np.float16), "patch_grid": [2, 2, 2]} for i in range(400)]  # fmt: skip
-    collate = train.make_collate(processor, ["age", "mmse"], record_dropout=0.3, image_dropout=0.2, seed=0)
+    collate = make_collate(processor, ["age", "mmse"], record_dropout=0.3, image_dropout=0.2, seed=0)
     batch = collate(rows)
     image_slots = (batch["input_ids"] == processor.image_token_id).sum(1)
     has_record = batch["input_ids"].eq(processor.tokenizer.convert_tokens_to_ids("ĠMM")).any(1)
@@ -250,4 +249,4 @@ def test_record_and_image_dropout_are_exclusive_and_reproducible(minilm_path):
     collate.epoch = 1
     assert not torch.equal(collate(rows)["input_ids"], batch["input_ids"])
     with pytest.raises(ValueError, match="record_dropout \\+ image_dropout must be <= 1"):
-        train.make_collate(processor, ["age"], record_dropout=0.6, image_dropout=0.5)
+        make_collate(processor, ["age"], record_dropout=0.6, image_dropout=0.5)

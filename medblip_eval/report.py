@@ -1,0 +1,164 @@
+"""Evaluation outputs a user looks at: confusion matrices, learning curves, prediction files and the model card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from huggingface_hub import ModelCard, ModelCardData
+from matplotlib.figure import Figure  # no pyplot: no backend and no global figure state
+
+from .predict import DECODERS, MODES
+
+
+def plot_confusion_matrices(results: dict, labels: list[str], title: str, path: Path) -> None:
+    """One confusion matrix per input mode (likelihood decoder), with the balanced accuracy in each title."""
+    figure = Figure(figsize=(4 * len(MODES), 3.6))
+    axes = figure.subplots(1, len(MODES))
+    for axis, mode in zip(axes, MODES):
+        entry = results["likelihood"][mode]["all"]
+        matrix = np.array(entry["confusion_matrix"])
+        axis.imshow(matrix, cmap="Blues")
+        for (i, j), count in np.ndenumerate(matrix):
+            axis.text(j, i, str(count), ha="center", va="center", color="black" if count < matrix.max() / 2 else "white")
+        ticks = range(len(labels))
+        axis.set(xticks=ticks, yticks=ticks, xticklabels=labels, yticklabels=labels, xlabel="predicted",
+                 ylabel="true", title=f"{mode}\nbalanced acc {entry['balanced_accuracy']:.2f}")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def plot_learning_curves(history: list[dict], path: Path) -> None:
+    """Training loss terms (log scale) and the validation balanced accuracy against the step."""
+    train = [h for h in history if "loss" in h]
+    val = [h for h in history if "val_balanced_accuracy" in h]
+    figure = Figure(figsize=(10, 3.8))
+    left, right = figure.subplots(1, 2)
+    for key in ("loss", "loss_lm", "loss_itc_text", "loss_itc_answer"):
+        points = [(h["step"], h[key]) for h in train if h.get(key) is not None]
+        if points:
+            left.plot(*zip(*points), label=key)
+    left.set(xlabel="step", ylabel="training loss", yscale="log", title="training losses")
+    left.legend()
+    if val:
+        right.plot([h["step"] for h in val], [h["val_balanced_accuracy"] for h in val], marker="o")
+    right.axhline(1 / 3, color="grey", linestyle="--", label="chance")
+    right.set(xlabel="step", ylabel="balanced accuracy", ylim=(0, 1), title="validation (likelihood, image+text)")
+    right.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def write_evaluation(results: dict, predictions: list[dict], labels: list[str], title: str, confusion_path: Path,
+                     predictions_path: Path | None = None) -> None:
+    """The confusion matrices as PNG and, given `predictions_path`, one JSON line per volume and mode."""
+    plot_confusion_matrices(results, labels, title, confusion_path)
+    if predictions_path is not None:
+        predictions_path.write_text("".join(json.dumps(p) + "\n" for p in predictions))
+
+
+def _results_table(results: dict) -> str:
+    rows = ["| input | decoder | balanced acc | accuracy | macro-F1 | AUROC (OvR) | n | unmappable |",
+            "|---|---|---|---|---|---|---|---|"]
+    for mode in MODES:
+        for decoder in DECODERS:
+            entry = results[decoder][mode]["all"]
+            auroc = "n/a" if entry["auroc"] is None else f"{entry['auroc']:.3f}"
+            rows.append(f"| {mode} | {decoder} | {entry['balanced_accuracy']:.3f} | {entry['accuracy']:.3f} | "
+                        f"{entry['macro_f1']:.3f} | {auroc} | {entry['n']} | {entry['unmappable']} |")
+    return "\n".join(rows)
+
+
+def _baselines_table(baselines: dict | None) -> str:
+    rows = ["| baseline | balanced acc | accuracy | macro-F1 |", "|---|---|---|---|"]
+    rows += [f"| {name} | {v['balanced_accuracy']:.3f} | {v['accuracy']:.3f} | {v['macro_f1']:.3f} |"
+             for name, v in (baselines or {}).items()]
+    return "\n".join(rows if baselines else rows + ["| (not computed) | | | |"])
+
+
+def _targets_line(results: dict, baselines: dict | None) -> str:
+    """The built-in default's targets, met or missed; empty without the synthetic cohort's baselines."""
+    if not baselines or "text_floor" not in baselines:
+        return ""
+
+    def verdict(mode: str, target: float) -> str:
+        value = results["likelihood"][mode]["all"]["balanced_accuracy"]
+        return f"{value:.3f} (target >= {target:.2f}: {'met' if value >= target else 'missed'})"
+
+    return (
+        f"\nTargets of the built-in synthetic default (likelihood decoder, balanced accuracy): image + text "
+        f"{verdict('image_text', 0.70)}, image only {verdict('image_only', 0.45)}; beside the text-only floor "
+        f"{baselines['text_floor']['balanced_accuracy']:.3f} and the image oracle "
+        f"{baselines['image_oracle']['balanced_accuracy']:.3f} below.\n"
+    )
+
+
+CARD_TEMPLATE = """---
+{card_yaml}
+---
+
+# MedBLIP ({preset} preset)
+
+A MedBLIP model (arXiv 2305.10799): 3D brain MRI patches -> ViT blocks -> Q-Former with
+{num_query_tokens} learned queries -> image tokens of a language model, which answers
+"What will this subject be diagnosed with?" with "Not demented", "mild cognitive impairment (MCI)" or "Dementia".
+
+**Not for clinical use.** This is a research model. It has not been validated for diagnosis, screening or any
+decision about a person, and it must not be used for them.
+
+## Intended use
+Research on 3D medical vision-language models: zero-shot CN/MCI/AD classification by answer likelihood or free
+generation, and visual question answering on T1-weighted brain MRI with a short health record.
+
+## Training data
+Manifests: {manifests}. Held-out cohorts (never trained on, used for the zero-shot table): {holdout}.
+Splits are by subject. The built-in default is a *synthetic* cohort made by warping the MNI152 template
+(`synthetic_cohort.py`), so the figures below say nothing about real patients.
+
+## Preprocessing contract
+`MedBlipProcessor` (saved beside the weights) reads NIfTI/MGZ/DICOM or arrays with spacing, reorients to RAS,
+resamples to {target_spacing} mm, crops to the foreground, normalises intensities
+robustly to [0, 1], fits the volume into {volume_size} voxels keeping the aspect ratio, standardises
+it to [-1, 1] (`image_mean` = `image_std` = 0.5, background -1) and cuts {patch_size} patches. Health-record fields given
+to the model: {record_fields}.
+
+## Evaluation ({split} split: {n} volumes)
+{results_table}
+{targets}
+`image_only` withholds the health record, `text_only` withholds the image. Reference logistic regressions
+on the same split (from `medblip_data.baselines`):
+
+{baselines_table}
+
+## Use
+```python
+from transformers import pipeline
+classify = pipeline("zero-shot-volume-classification", model="{folder_name}", trust_remote_code=True)
+classify("scan.nii.gz", record={{"age": 74, "sex": "F", "mmse": 24}})
+```
+Pin a `revision` when loading from the Hub: remote code is code.
+
+## Limitations
+Trained on a small cohort for a few hundred steps on CPU; MMSE in the record is a near-proxy of the label, so
+compare with the text-only row; scanner and population shift beyond the held-out sites is untested.
+"""
+
+
+def write_model_card(folder: Path, results: dict, baselines: dict | None, snapshot: dict, split: str) -> None:
+    """README.md of the Hub folder: intended use, data, preprocessing contract, results beside the baselines."""
+    card_data = ModelCardData(
+        library_name="transformers", pipeline_tag="image-text-to-text", license="apache-2.0",
+        tags=["medblip", "medical", "mri", "3d", "alzheimers", "vision-language", "trust_remote_code"],
+    )
+    content = CARD_TEMPLATE.format(
+        card_yaml=card_data.to_yaml(), preset=snapshot["model"]["preset"], num_query_tokens=snapshot["num_query_tokens"],
+        manifests=snapshot["data"]["manifests"], holdout=snapshot["data"]["holdout_datasets"],
+        target_spacing=snapshot["model"]["target_spacing"], volume_size=snapshot["volume_size"],
+        patch_size=snapshot["patch_size"], record_fields=snapshot["model"]["record_fields"], split=split,
+        n=results["likelihood"]["image_text"]["all"]["n"], results_table=_results_table(results),
+        targets=_targets_line(results, baselines), baselines_table=_baselines_table(baselines),
+        folder_name=folder.name,
+    )
+    ModelCard(content).save(folder / "README.md")
