@@ -181,19 +181,19 @@ def _gpt2(n_embd: int, n_layer: int, n_head: int, n_positions: int = 512, vocab_
     return {
         "model_type": "gpt2", "n_embd": n_embd, "n_layer": n_layer, "n_head": n_head, "n_positions": n_positions,
         "vocab_size": vocab_size, "bos_token_id": 50256, "eos_token_id": 50256, "pad_token_id": 50258,
-    }  # fmt: skip
+    }
 
 
 # EVA ViT-g as in BLIP-2 / MedBLIP: 39 blocks, width 1408, 16 heads, MLP 6144; 224^3 volume, 32^3 patches.
 _EVA_VIT_G = {
     "volume_size": [224, 224, 224], "patch_size": [32, 32, 32], "hidden_size": 1408, "intermediate_size": 6144,
     "num_hidden_layers": 39, "num_attention_heads": 16, "layer_norm_eps": 1e-6,
-}  # fmt: skip
+}
 # BERT-base Q-Former with cross-attention every second layer.
 _BERT_BASE_QFORMER = {
     "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
     "cross_attention_frequency": 2,
-}  # fmt: skip
+}
 
 PRESETS: dict[str, dict] = {
     # Unit tests: a few thousand parameters per block, 4^3 patches, GPT-2 BPE vocabulary.
@@ -208,15 +208,11 @@ PRESETS: dict[str, dict] = {
     },
     # The CPU default of `python train.py`: Q-Former shaped like all-MiniLM-L6-v2 (initialised from its real
     # weights by train.py), a ViT and a small GPT-2 trained from scratch since no pretrained 3D weights exist here.
-    # The image-answer contrastive term is what teaches the image path: with the LM loss alone the LM learns the
-    # health record first and then ignores the image tokens (image-only answers stayed one class for 600 steps).
-    # The image-text term is off: on a few hundred near-identical synthetic brains it stays at the uniform
-    # solution (loss = ln(batch size)) while its Q-Former pass over the record costs ~30% of a step.
+    # Image-answer contrastive term on, image-text term off (docs/experiments.md says why).
     "small": {
         "vision_config": {"volume_size": [32, 32, 32], "patch_size": [8, 8, 8], "hidden_size": 192,
                           "intermediate_size": 768, "num_hidden_layers": 2, "num_attention_heads": 3},
-        # cross-attention in every layer and no dropout: with every 2nd layer the queries learned nothing about
-        # the volume in 300 steps (a linear probe on them stayed at chance, 0.33; every layer: 0.40)
+        # cross-attention in every layer and no dropout (docs/experiments.md)
         "qformer_config": {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
                            "intermediate_size": 1536, "max_position_embeddings": 512, "cross_attention_frequency": 1,
                            "layer_norm_eps": 1e-12, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
@@ -243,7 +239,7 @@ PRESETS: dict[str, dict] = {
         "text_config": _gpt2(2560, 32, 20, n_positions=1024),
         "num_query_tokens": 32, "image_token_index": GPT2_IMAGE_TOKEN_ID, "id2label": ID2LABEL,
     },
-}  # fmt: skip
+}
 
 MedBlipVisionConfig.register_for_auto_class()
 MedBlipConfig.register_for_auto_class()

@@ -15,19 +15,49 @@ from transformers.image_processing_utils import BaseImageProcessor
 
 try:
     from .volume_medblip import (
-        Compose, CropForeground, FitToSize, Orient, RobustIntensityScaling, Spacing, Standardize, ThresholdForeground,
-        ToTensor, Volume, VolumeError, load_array, load_path, load_spatial_image, triple, volume_to_patches,
+        Compose,
+        CropForeground,
+        FitToSize,
+        Orient,
+        RobustIntensityScaling,
+        Spacing,
+        Standardize,
+        ThresholdForeground,
+        ToTensor,
+        Volume,
+        VolumeError,
+        load_array,
+        load_path,
+        load_spatial_image,
+        triple,
+        volume_to_patches,
     )
 except ImportError:
     from volume_medblip import (
-        Compose, CropForeground, FitToSize, Orient, RobustIntensityScaling, Spacing, Standardize, ThresholdForeground,
-        ToTensor, Volume, VolumeError, load_array, load_path, load_spatial_image, triple, volume_to_patches,
+        Compose,
+        CropForeground,
+        FitToSize,
+        Orient,
+        RobustIntensityScaling,
+        Spacing,
+        Standardize,
+        ThresholdForeground,
+        ToTensor,
+        Volume,
+        VolumeError,
+        load_array,
+        load_path,
+        load_spatial_image,
+        triple,
+        volume_to_patches,
     )
 
 
 _OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 # Keys that transformers' save/load machinery adds to a saved image-processor dict (not options).
-_BOOKKEEPING_KEYS = {"image_processor_type", "auto_map", "processor_class", "feature_extractor_type", "_processor_class"}
+_BOOKKEEPING_KEYS = {
+    "image_processor_type", "auto_map", "processor_class", "feature_extractor_type", "_processor_class",
+}
 
 
 def _describe(item: Any) -> str:
@@ -67,7 +97,7 @@ class MedBlipImageProcessor(BaseImageProcessor):
     r"""3D MRI processor: file/array -> RAS+ volume at a fixed spacing and size -> flattened 3D patches.
 
     Steps (each a saved option): read -> reorient (`reorient`) -> float32 + checks -> resample
-    (`target_spacing`) -> foreground mask and optional crop (`crop_foreground`) -> intensity normalisation
+    (`target_spacing`) -> foreground mask and optional crop (`crop_foreground`) -> intensity normalization
     (`normalization`) -> resize (`resize`, `keep_aspect_ratio`) and centred pad/crop to `volume_size` ->
     standardisation (`image_mean`, `image_std`) -> cast (`output_dtype`) -> patches.
 
@@ -96,9 +126,8 @@ class MedBlipImageProcessor(BaseImageProcessor):
             centred zero padding); `False` stretches each axis to `volume_size`.
         image_mean, image_std (`float`, default to 0.5 and 0.5): the last step, `x -> (x - image_mean) / image_std`
             on every voxel including the padding. The defaults turn the percentile range [0, 1] into [-1, 1]: a
-            patch embedding trained from scratch learns from zero-centred input, while on all-positive [0, 1] input
-            a ViT probe on the synthetic cohort stayed at chance for 300 steps. Use 0 and 1 to keep [0, 1], or with
-            `normalization="zscore"`.
+            patch embedding trained from scratch learns from zero-centred input (docs/experiments.md). Use 0 and 1
+            to keep [0, 1], or with `normalization="zscore"`.
         output_dtype (`str`, defaults to `"float32"`): `"float32"` or `"float16"`.
         max_voxels (`int`, defaults to `512**3`): largest accepted volume (checked on the header before reading,
             and again after resampling).

@@ -14,7 +14,9 @@ import numpy as np
 
 DIAGNOSIS_LABELS: tuple[str, ...] = ("CN", "MCI", "AD")
 ID2LABEL: dict[int, str] = dict(enumerate(DIAGNOSIS_LABELS))
-DEFAULT_ANSWER_TEXTS: dict[str, str] = {"CN": "Not demented", "MCI": "mild cognitive impairment (MCI)", "AD": "Dementia"}
+DEFAULT_ANSWER_TEXTS: dict[str, str] = {
+    "CN": "Not demented", "MCI": "mild cognitive impairment (MCI)", "AD": "Dementia",
+}
 DEFAULT_PROMPT_TEMPLATE = "{image}{record} Question: {question} Answer:"
 DEFAULT_QUESTION = "What will this subject be diagnosed with?"
 

@@ -44,7 +44,7 @@ def image_text_similarity(image_features: torch.Tensor, text_features: torch.Ten
                           temperature: torch.Tensor) -> torch.Tensor:
     """`(B_img, B_txt)` logits: the best-matching query per pair (as in BLIP-2), divided by `temperature`.
 
-    `image_features` `(B_img, Q, D)` and `text_features` `(B_txt, D)` are L2-normalised.
+    `image_features` `(B_img, Q, D)` and `text_features` `(B_txt, D)` are L2-normalized.
     """
     similarity = torch.einsum("iqd,td->itq", image_features, text_features).amax(dim=-1)
     return similarity / temperature

@@ -1,4 +1,4 @@
-"""MedBLIP: 3D MRI patches -> frozen 2D-pretrained ViT blocks -> Q-Former -> image tokens of a (frozen) language model."""
+"""MedBLIP: 3D MRI patches -> frozen 2D-pretrained ViT blocks -> Q-Former -> image tokens of a (frozen) LM."""
 
 import copy
 from dataclasses import dataclass
@@ -41,7 +41,8 @@ class MedBlipForConditionalGenerationModelOutput(ModelOutput):
     logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`): LM logits.
     logits_per_image (`torch.FloatTensor` of shape `(batch_size, batch_size)`): image-to-text similarities / temperature
         (in distributed training, of every process's batch: `(global_batch_size, global_batch_size)`).
-    image_embeds (`torch.FloatTensor` of shape `(batch_size, num_query_tokens, text_hidden_size)`): the image tokens.
+    image_tokens (`torch.FloatTensor` of shape `(batch_size, num_query_tokens, text_hidden_size)`): the query outputs
+        projected into the LM's embedding space, written into the `<image>` slots of the prompt.
     """
 
     loss: torch.FloatTensor | None = None
@@ -50,7 +51,7 @@ class MedBlipForConditionalGenerationModelOutput(ModelOutput):
     loss_itc_answer: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     logits_per_image: torch.FloatTensor | None = None
-    image_embeds: torch.FloatTensor | None = None
+    image_tokens: torch.FloatTensor | None = None
 
 
 class MedBlipVisionEmbeddings(nn.Module):
@@ -271,7 +272,7 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
         return query_output, image_tokens, (qformer_outputs.cross_attentions if output_attentions else None)
 
     def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """BERT-tokenised text -> normalised contrastive embedding `(B, image_text_hidden_size)` from its CLS token."""
+        """BERT-tokenised text -> normalized contrastive embedding `(B, image_text_hidden_size)` from its CLS token."""
         text_embeds = self.embeddings(input_ids=input_ids)
         text_output = self.qformer(query_embeds=text_embeds, query_length=0, attention_mask=attention_mask)
         cls_state = text_output.last_hidden_state[:, 0, :]
@@ -337,11 +338,11 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------ losses
     def _image_features_for_contrast(self, query_output: torch.Tensor) -> torch.Tensor:
-        """Normalised contrastive embedding of each query `(B, Q, image_text_hidden_size)`."""
+        """Normalized contrastive embedding of each query `(B, Q, image_text_hidden_size)`."""
         return F.normalize(self.vision_projection(query_output.to(self.vision_projection.weight.dtype)), dim=-1)
 
     def contrastive_logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        """`(B_img, B_txt)` similarities of normalised query embeddings `(B_img, Q, D)` (see
+        """`(B_img, B_txt)` similarities of normalized query embeddings `(B_img, Q, D)` (see
         `_image_features_for_contrast`) and text embeddings `(B_txt, D)`, over the clamped temperature."""
         temperature = self.temperature.clamp(self.config.itc_temperature_min, self.config.itc_temperature_max)
         return image_text_similarity(image_features, text_features, temperature)
@@ -438,19 +439,12 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
             lm_outputs = self._decoder_only_lm(inputs_embeds, attention_mask, logits_to_keep=logits_to_keep, **kwargs)
             logits = lm_outputs.logits
             if labels is not None:
-                labels = labels[:, -logits.shape[1] :]
-                loss_lm = self.loss_function(
-                    logits=logits, labels=labels.to(logits.device), vocab_size=logits.shape[-1], **kwargs
-                )
+                kept_labels = labels[:, -logits.shape[1] :].to(logits.device)
+                loss_lm = self.loss_function(logits=logits, labels=kept_labels, vocab_size=logits.shape[-1], **kwargs)
         else:
             lm_outputs = self.language_model(
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                decoder_input_ids=decoder_input_ids,
-                decoder_attention_mask=decoder_attention_mask,
-                labels=labels,
-                return_dict=True,
-                **kwargs,
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask, labels=labels, return_dict=True, **kwargs,
             )
             logits, loss_lm = lm_outputs.logits, lm_outputs.loss
         weighted = [
@@ -466,7 +460,7 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
             loss_itc_answer=loss_itc_answer,
             logits=logits,
             logits_per_image=logits_per_image,
-            image_embeds=image_tokens,
+            image_tokens=image_tokens,
         )
 
     # ------------------------------------------------------------------ inference
@@ -530,13 +524,14 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
             continuation = self.language_model(
                 inputs_embeds=self.get_input_embeddings()(targets), attention_mask=full_mask,
                 position_ids=position_ids, cache=cache, use_cache=True,
-            )  # fmt: skip
+            )
             # the prompt's last logit predicts candidate token 0, candidate position t predicts token t + 1
             first = prompt.logits[:, -1:].repeat_interleave(num_candidates, dim=0)
             logits = torch.cat([first, continuation.logits[:, :-1]], dim=1)
         else:
-            encoder_outputs = self.language_model.get_encoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
-            hidden = encoder_outputs.last_hidden_state.repeat_interleave(num_candidates, dim=0)
+            encoder = self.language_model.get_encoder()
+            hidden = encoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+            hidden = hidden.repeat_interleave(num_candidates, dim=0)
             decoder_input_ids = self.language_model._shift_right(targets.masked_fill(target_mask == 0, -100))
             logits = self.language_model(
                 encoder_outputs=(hidden,), attention_mask=expanded_mask, decoder_input_ids=decoder_input_ids

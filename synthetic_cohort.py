@@ -52,6 +52,7 @@ from scipy import ndimage
 from labels_medblip import DIAGNOSIS_LABELS
 from medblip_data.manifest import MANIFEST_COLUMNS
 
+
 logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 2
@@ -424,7 +425,7 @@ def _rotation(degrees: np.ndarray) -> np.ndarray:
 
 
 def bias_field(shape: tuple[int, ...], amplitude: float, rng: np.random.Generator) -> np.ndarray:
-    """Smooth multiplicative bias: exp of a random quadratic polynomial of the normalised coordinates."""
+    """Smooth multiplicative bias: exp of a random quadratic polynomial of the normalized coordinates."""
     axes = [np.linspace(-1.0, 1.0, n, dtype=np.float32) for n in shape]
     log_bias = np.zeros(shape, dtype=np.float32)
     for a, ax in enumerate(axes):

@@ -12,8 +12,6 @@ evaluation -> the training loop -> main (accelerator, resume, loop, final evalua
 
 import json
 import logging
-import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,7 +22,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from huggingface_hub import upload_folder
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, HfArgumentParser, get_cosine_schedule_with_warmup
 
@@ -36,9 +33,16 @@ from medblip_data.cache import build_cache
 from medblip_data.collate import make_collate
 from medblip_data.manifest import load_corpus, read_manifest
 from medblip_eval import (
-    MODES, class_labels, evaluate_dataset, load_metric, plot_learning_curves, reference_baselines, write_evaluation,
+    MODES,
+    class_labels,
+    evaluate_dataset,
+    load_metric,
+    plot_learning_curves,
+    reference_baselines,
+    write_evaluation,
     write_model_card,
 )
+from medblip_train.checkpoints import TrainState, keep_trainable_weights, resume, save_checkpoint
 from modeling_medblip import MedBlipForConditionalGeneration
 from pipeline_medblip import save_medblip_for_hub
 from processing_medblip import MedBlipProcessor
@@ -58,7 +62,7 @@ class ModelArguments:
     )
     qformer_init: str = field(
         default="auto",
-        metadata={"help": "BERT folder to initialise the Q-Former; 'auto' = the bundled MiniLM when shapes fit; 'none'"},
+        metadata={"help": "BERT folder to initialise the Q-Former; 'auto': bundled MiniLM if shapes fit; 'none'"},
     )
     freeze_vision_encoder: bool | None = field(default=None, metadata={"help": "override the preset's ViT freezing"})
     freeze_language_model: bool | None = field(default=None, metadata={"help": "override the preset's LM freezing"})
@@ -76,7 +80,7 @@ class ModelArguments:
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     record_fields: list[str] = field(
         default_factory=lambda: ["age", "sex", "education", "mmse", "apoe4"],
-        metadata={"help": "health-record fields shown to the model (CDR is left out: it defines the label; add notes for free text)"},
+        metadata={"help": "health-record fields shown to the model (not CDR: it defines the label; notes = free text)"},
     )
     foreground_threshold: float = field(
         default=0.25,
@@ -150,7 +154,8 @@ def parse_arguments(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0].endswith((".json", ".yaml", ".yml")):
         config_file, overrides = Path(argv[0]).resolve(), argv[1:]
-        loaded = parser.parse_yaml_file(config_file) if config_file.suffix != ".json" else parser.parse_json_file(config_file)
+        read = parser.parse_json_file if config_file.suffix == ".json" else parser.parse_yaml_file
+        loaded = read(config_file)
         # the file sets new defaults; flags after it still override (unknown keys in the file raise)
         parser.set_defaults(**{k: v for group in loaded for k, v in asdict(group).items()})
         argv = overrides
@@ -277,83 +282,6 @@ def optimizer_groups(
         {"params": parameters, "weight_decay": weight_decay if decays else 0.0, "lr": rate}
         for (decays, rate), parameters in groups.items()
     ]
-
-
-# ----------------------------------------------------------------------------------------------- checkpoints
-BEST_WEIGHTS_FILE = "best_trainable_weights.safetensors"
-
-
-class TrainState:
-    """Step counter, log history and best validation step, saved with every checkpoint through
-    `register_for_checkpointing`."""
-
-    def __init__(self):
-        self.step = 0
-        self.history: list[dict] = []
-        self.best_score, self.best_step = -1.0, -1  # -1: no validation yet
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "history": json.dumps(self.history), "best_score": self.best_score,
-                "best_step": self.best_step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step, self.history = int(state["step"]), json.loads(state["history"])
-        self.best_score, self.best_step = float(state.get("best_score", -1.0)), int(state.get("best_step", -1))
-
-
-def checkpoint_root(output_dir: str) -> Path:
-    return Path(output_dir) / "checkpoints"
-
-
-def latest_checkpoint(output_dir: str) -> Path | None:
-    found = sorted(checkpoint_root(output_dir).glob("checkpoint-*"))
-    return found[-1] if found else None
-
-
-def keep_trainable_weights(models: list, weights: list[dict], output_dir: str) -> None:
-    """Accelerate save hook: intermediate checkpoints hold trainable weights only; frozen ones are rebuilt from the
-    seed or `--init_from` on resume (and the final Hub folder holds everything)."""
-    for model, state in zip(models, weights):
-        trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
-        for name in [name for name in state if name not in trainable]:
-            del state[name]
-
-
-def save_checkpoint(
-    accelerator: Accelerator, output_dir: str, step: int, keep_last: int, best_weights: dict | None = None
-) -> Path:
-    """Accelerate state (trainable weights, optimizer, scheduler, RNG, step) written to a temporary folder, then
-    renamed, so a killed run never leaves a half-written checkpoint; only the last `keep_last` are kept.
-    `best_weights` (the best validation step's trainable weights so far) go in too: a resumed run can still end
-    on a step from before the interruption."""
-    root = checkpoint_root(output_dir)
-    final, temporary = root / f"checkpoint-{step:07d}", root / f".tmp-checkpoint-{step:07d}"
-    if accelerator.is_main_process and temporary.exists():
-        shutil.rmtree(temporary)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if best_weights is not None:
-            save_file({name: tensor.contiguous() for name, tensor in best_weights.items()}, temporary / BEST_WEIGHTS_FILE)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(temporary, final)
-        for old in sorted(root.glob("checkpoint-*"))[:-keep_last]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def resume(accelerator: Accelerator, train_args: TrainArguments, state: TrainState) -> dict | None:
-    """Restore the state saved in `--resume_from_checkpoint`; returns the best step's weights saved with it."""
-    path = latest_checkpoint(train_args.output_dir) if train_args.resume_from_checkpoint == "latest" else Path(
-        train_args.resume_from_checkpoint)
-    if path is None or not path.exists():
-        raise FileNotFoundError(f"no checkpoint to resume from in {checkpoint_root(train_args.output_dir)}")
-    accelerator.load_state(str(path), strict=False)
-    logger.info("resumed from %s at step %d", path, state.step)
-    return load_file(path / BEST_WEIGHTS_FILE) if (path / BEST_WEIGHTS_FILE).exists() else None
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -484,7 +412,8 @@ def write_outputs(model, processor, state, snapshot, results_by_split, baselines
         write_model_card(out, results_by_split[main_split], baselines.get(main_split), snapshot, main_split)
     (out / "training_config.json").write_text(json.dumps(snapshot, indent=2, default=str))
     if train_args.push_to_hub:
-        upload_folder(repo_id=train_args.hub_model_id, folder_path=str(out), ignore_patterns=["checkpoints/*", "runs/*"])
+        upload_folder(repo_id=train_args.hub_model_id, folder_path=str(out),
+                      ignore_patterns=["checkpoints/*", "runs/*"])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -515,7 +444,9 @@ def main(argv: list[str] | None = None) -> dict:
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, state)
     accelerator.register_save_state_pre_hook(keep_trainable_weights)
-    best_weights = resume(accelerator, train_args, state) if train_args.resume_from_checkpoint else None
+    best_weights = None
+    if train_args.resume_from_checkpoint:
+        best_weights = resume(accelerator, train_args.output_dir, train_args.resume_from_checkpoint, state)
     if accelerator.is_main_process and train_args.report_to != "none":
         accelerator.init_trackers("medblip", config={k: str(v) for k, v in snapshot["train"].items()})
 

@@ -184,7 +184,8 @@ def load_spatial_image(image: Any, volume_index: int | None, num_channels: int, 
         raise VolumeError(f"4D image of shape {shape} holds {shape[3]} volumes; pass volume_index= to pick one")
     affine = np.asarray(image.affine, dtype=np.float64)
     try:
-        data = np.asanyarray(image.dataobj[:, :, :, volume_index] if several and volume_index is not None else image.dataobj)
+        source = image.dataobj[:, :, :, volume_index] if several and volume_index is not None else image.dataobj
+        data = np.asanyarray(source)
     except Exception as err:  # nibabel/zlib/gzip raise many types for damaged files
         raise VolumeError(f"unreadable or truncated image data ({type(err).__name__}: {err})") from err
     return Volume(_select_volume(data, None, num_channels), affine)
@@ -356,7 +357,7 @@ class ToTensor:
         if not (math.isfinite(low) and math.isfinite(high)):
             raise VolumeError("volume contains NaN or Inf voxels (or values beyond float32 range)")
         if low == high:
-            raise VolumeError(f"constant volume (every voxel equals {low:g}); nothing to normalise")
+            raise VolumeError(f"constant volume (every voxel equals {low:g}); nothing to normalize")
         spacing = volume.spacing
         if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
             raise VolumeError(f"zero or non-finite spacing {tuple(np.round(spacing, 6).tolist())} in the affine")

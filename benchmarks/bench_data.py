@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train  # noqa: E402
@@ -35,9 +36,10 @@ def main(argv: list[str] | None = None) -> dict:
     loader = torch.utils.data.DataLoader(
         cached["train"], batch_size=args.batch_size, shuffle=True, drop_last=True,
         collate_fn=train.training_collate(processor, model_args, train_args.seed),
-    )  # fmt: skip
+    )
     optimizer = torch.optim.AdamW(train.optimizer_groups(model, 1e-4, 1e-4, 1e-4))
-    keep = int(processor.candidate_inputs(train.class_labels(model.config))["candidate_attention_mask"].sum(-1).max()) + 1
+    candidates = processor.candidate_inputs(train.class_labels(model.config))
+    keep = int(candidates["candidate_attention_mask"].sum(-1).max()) + 1
     model.train()
     load_times, step_times = [], []
     iterator = iter(loader)

@@ -34,10 +34,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 from configuration_medblip import MedBlipConfig  # noqa: E402
 from modeling_medblip import MedBlipForConditionalGeneration  # noqa: E402
+
 
 # -----------------------------------------------------------------------------------------------------------------
 # defaults
@@ -91,7 +93,8 @@ def linear_tokens(name: str, tokens: dict) -> tuple[str, int, bool]:
             return "qformer text passes (itc)", tokens["qformer_text"], True
         return "qformer self-attn (queries + itc texts)", tokens["query"] + tokens["qformer_text"], True
     if name == "vision_projection":
-        return "projections", tokens["query"] * min(tokens["itc_passes"], 1), True  # projected once, shared by both terms
+        # the queries are projected once per step, shared by both contrastive terms
+        return "projections", tokens["query"] * min(tokens["itc_passes"], 1), True
     if name == "text_projection":
         return "projections", tokens["itc_passes"], True  # the CLS token of each text pass
     if name == "language_projection":
@@ -120,7 +123,7 @@ def attention_terms(config, tokens: dict) -> list[tuple[str, int, int, int, int,
         ("qformer self-attention", qformer.num_hidden_layers, tokens["query"], tokens["query"], qformer.hidden_size,
          3),
         ("qformer cross-attention", cross_layers, tokens["query"], tokens["vision"], qformer.hidden_size, 3),
-    ]  # fmt: skip
+    ]
     for length in tokens["qformer_texts"]:
         terms.append(("qformer text attention", qformer.num_hidden_layers, length, length, qformer.hidden_size, 3))
     if config.use_decoder_only_language_model:
@@ -250,10 +253,10 @@ def parse_args(argv):
     parser.add_argument("--lm-loss-only", action="store_true", help="skip the two contrastive Q-Former text passes")
     parser.add_argument("--peak-tflops", type=float, default=peak_tflops, help=f"bf16 peak (default {peak_tflops})")
     parser.add_argument("--time-budget-s", type=float, default=time_budget_s,
-                        help=f"start no batch size after this (default {time_budget_s})")  # fmt: skip
+                        help=f"start no batch size after this (default {time_budget_s})")
     for name, value in [("warmup", warmup), ("steps", steps), ("prompt-length", prompt_length),
                         ("answer-length", answer_length), ("qformer-text-length", qformer_text_length),
-                        ("qformer-answer-length", qformer_answer_length)]:  # fmt: skip
+                        ("qformer-answer-length", qformer_answer_length)]:
         parser.add_argument(f"--{name}", type=int, default=value, help=f"default {value}")
     return parser.parse_args(argv)
 
@@ -266,7 +269,7 @@ def print_flops(model, config, args) -> float:
     print(f"parameters: {parameters / 1e9:.3f} B total, {trainable / 1e6:.1f} M trainable; tokens per volume: "
           f"vision {tokens['vision']}, queries {tokens['query']}, lm {tokens['lm_encoder']}"
           f"{'' if not tokens['lm_decoder'] else ' enc + ' + str(tokens['lm_decoder']) + ' dec'}, "
-          f"qformer texts {tokens['qformer_texts']}")  # fmt: skip
+          f"qformer texts {tokens['qformer_texts']}")
     print("FLOPs per volume = sum over weight matrices W of 2*|W|*T*(1 fwd + 1 if input grad + 1 if W trainable)"
           " + sum over attention layers of 4*Tq*Tk*d*(3 if grad flows, 2.5 first T5 cross-attention,"
           " 1 if none) + 2 itc similarities 2*Q*B*D*3")
@@ -276,7 +279,7 @@ def print_flops(model, config, args) -> float:
     print(f"train_step_model_tflop_per_volume: {flops / 1e12:.3f} "
           f"(the crude 6 x all params x {tokens['vision']} vision tokens would give "
           f"{6 * parameters * tokens['vision'] / 1e12:.2f}; frozen parts cost 2x forward, not 3x, and the LM sees "
-          f"fewer tokens)")  # fmt: skip
+          f"fewer tokens)")
     return flops
 
 
@@ -322,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         mfu = flops * batch / seconds / (args.peak_tflops * 1e12)
         print(f"{preset}_bs{batch}_volumes_per_s: {batch / seconds:.2f} (MFU {100 * mfu:.1f}% of "
               f"{args.peak_tflops:g} TFLOPS; target >= {100 * mfu_target:.0f}%; step {1e3 * seconds:.0f} ms, "
-              f"loss {loss:.2f})")  # fmt: skip
+              f"loss {loss:.2f})")
         if peak is not None:
             target = f"; target < {memory_target_gb:g} GB at batch {memory_target_batch}"
             print(f"{preset}_bs{batch}_peak_memory_gb: {peak:.1f} ({peak / memory_target_gb:.2f}x "

@@ -16,6 +16,7 @@ import textwrap
 import time
 from pathlib import Path
 
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> float:
         ("threads", threads, "torch threads in the child"), ("lm-length", lm_length, "LM row length"),
         ("answer-length", answer_length, "answer + end tokens"), ("qformer-length", qformer_length, "record text"),
         ("qformer-answer-length", qformer_answer_length, "Q-Former answer text"),
-    ]:  # fmt: skip
+    ]:
         parser.add_argument(f"--{name}", type=int, default=value, help=f"{help_text} (default {value})")
     parser.add_argument("--target-gb", type=float, default=target_gb, help=f"target (default {target_gb})")
     args = parser.parse_args(argv)
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> float:
     gb = peak / 1e9
     print(f"preset: {args.preset}  parameters: {parameters / 1e6:.1f} M  batch: {args.batch_size}  steps: "
           f"{args.steps}  lm_length: {args.lm_length}  threads: {args.threads}  last loss: {loss:.3f}  "
-          f"child wall time: {elapsed:.1f} s")  # fmt: skip
+          f"child wall time: {elapsed:.1f} s")
     print(f"{args.preset}_train_peak_rss_gb: {gb:.2f} ({gb / args.target_gb:.2f}x the {args.target_gb:g} GB target)")
     return gb
 

@@ -21,10 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 from configuration_medblip import GPT2_IMAGE_TOKEN_ID, MedBlipConfig  # noqa: E402
 from modeling_medblip import MedBlipForConditionalGeneration  # noqa: E402
+
 
 # -----------------------------------------------------------------------------------------------------------------
 # defaults: between the `tiny` and `small` presets, so that CPU timings mean something
@@ -55,7 +57,7 @@ def sizes(args) -> dict:
     text = {"model_type": "gpt2", "n_embd": args.lm_width, "n_layer": args.lm_layers, "n_head": args.lm_heads,
             "n_positions": 512, "vocab_size": 50304, "bos_token_id": 50256, "eos_token_id": 50256,
             "pad_token_id": 50258}
-    return {"vision": vision, "qformer": qformer, "text": text}  # fmt: skip
+    return {"vision": vision, "qformer": qformer, "text": text}
 
 
 def build_medblip(args) -> MedBlipForConditionalGeneration:
@@ -65,7 +67,7 @@ def build_medblip(args) -> MedBlipForConditionalGeneration:
         vision_config=vision, qformer_config=parts["qformer"], text_config=parts["text"],
         num_query_tokens=args.num_query_tokens, image_token_index=GPT2_IMAGE_TOKEN_ID,
         freeze_vision_encoder=True, freeze_language_model=True, attn_implementation="sdpa",
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     return MedBlipForConditionalGeneration(config)
 
@@ -84,7 +86,7 @@ def build_blip2(args):
                        "layer_norm_eps": 1e-6, "qkv_bias": True},
         qformer_config=parts["qformer"], text_config=parts["text"], num_query_tokens=args.num_query_tokens,
         image_token_index=GPT2_IMAGE_TOKEN_ID, attn_implementation="sdpa",
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     model = Blip2ForConditionalGeneration(config)
     model.vision_model.encoder.requires_grad_(False)  # the same trainable set as MedBLIP's defaults
@@ -165,7 +167,7 @@ def separate_forwards(model, x: dict):
     return score
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, value, help_text in [
         ("batch-size", batch_size, "volumes per step"), ("repeats", repeats, "timed runs per method"),
@@ -178,9 +180,13 @@ def main(argv: list[str] | None = None) -> dict:
         ("lm-width", lm_width, "GPT-2 width"), ("lm-layers", lm_layers, "GPT-2 layers"),
         ("lm-heads", lm_heads, "GPT-2 heads"), ("prompt-length", prompt_length, "prompt text tokens"),
         ("answer-length", answer_length, "supervised answer tokens"),
-    ]:  # fmt: skip
+    ]:
         parser.add_argument(f"--{name}", type=int, default=value, help=f"{help_text} (default {value})")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
 
@@ -193,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
         "qformer_input_ids": x["qformer_input_ids"], "qformer_attention_mask": torch.ones_like(x["qformer_input_ids"]),
         "qformer_answer_input_ids": x["qformer_answer_input_ids"],
         "qformer_answer_attention_mask": torch.ones_like(x["qformer_answer_input_ids"]),
-    }  # fmt: skip
+    }
     trainable = {
         name: sum(p.numel() for p in model.parameters() if p.requires_grad)
         for name, model in (("medblip", medblip), ("blip2", blip2))
@@ -215,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
     fused = lambda: medblip.score_candidates(  # noqa: E731
         x["prompt_ids"], x["candidate_input_ids"], pixel_values=x["pixel_values_3d"],
         candidate_attention_mask=x["candidate_attention_mask"],
-    )  # fmt: skip
+    )
     max_diff = float((naive() - fused()).abs().max())
     score, score_cpu = seconds_per_call({"separate": naive, "score_candidates": fused}, args.repeats, args.warmup)
 
@@ -226,16 +232,16 @@ def main(argv: list[str] | None = None) -> dict:
           f"{image_size // round(args.grid ** 1.5)})  qformer: {args.qformer_width}x{args.qformer_layers}, "
           f"{args.num_query_tokens} queries  gpt2: {args.lm_width}x{args.lm_layers}, {lm_length} tokens  "
           f"trainable params: medblip {trainable['medblip'] / 1e6:.2f} M (incl. unused Q-Former text path), "
-          f"blip2 {trainable['blip2'] / 1e6:.2f} M")  # fmt: skip
+          f"blip2 {trainable['blip2'] / 1e6:.2f} M")
     ratio = step["medblip"] / step["blip2"]
     cpu_ratio = lambda name: step_cpu[name] / step_cpu["blip2"]  # noqa: E731
     print(f"blip2_fwd_bwd_lm_loss_ms: {1e3 * step['blip2']:.1f} (1.00x reference; cpu time "
           f"{1e3 * step_cpu['blip2']:.1f})")
     print(f"medblip_fwd_bwd_lm_loss_ms: {1e3 * step['medblip']:.1f} ({ratio:.2f}x blip2, {cpu_ratio('medblip'):.2f}x "
-          f"in cpu time; target <= 1.10x)")  # fmt: skip
+          f"in cpu time; target <= 1.10x)")
     print(f"medblip_fwd_bwd_lm_loss_logits_to_keep_ms: {1e3 * step['medblip_keep']:.1f} "
           f"({step['medblip_keep'] / step['blip2']:.2f}x blip2, {cpu_ratio('medblip_keep'):.2f}x in cpu time; logits "
-          f"of the last {args.answer_length + 1} positions as train.py does)")  # fmt: skip
+          f"of the last {args.answer_length + 1} positions as train.py does)")
     full = step["medblip_full"]
     print(f"medblip_fwd_bwd_full_loss_ms: {1e3 * full:.1f} ({full / step['blip2']:.2f}x blip2, "
           f"{cpu_ratio('medblip_full'):.2f}x in cpu time; + 2 Q-Former text passes for the contrastive losses)")
@@ -244,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"separate_forwards_3_candidates_ms: {1e3 * score['separate']:.1f} (1.00x reference; cpu time "
           f"{1e3 * score_cpu['separate']:.1f})")
     print(f"score_candidates_3_candidates_ms: {1e3 * score['score_candidates']:.1f} ({speedup:.2f}x faster, "
-          f"{speedup_cpu:.2f}x in cpu time; target >= 2.00x; max |score difference| {max_diff:.1e})")  # fmt: skip
+          f"{speedup_cpu:.2f}x in cpu time; target >= 2.00x; max |score difference| {max_diff:.1e})")
     return {"fwd_bwd_ratio": ratio, "score_speedup": speedup, "max_score_diff": max_diff, **step, **score}
 
 

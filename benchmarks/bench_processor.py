@@ -1,7 +1,8 @@
 """Benchmark MedBlipImageProcessor: volumes/s from a 1 mm .nii.gz to model input, against MONAI and a bare read.
 
 Run: `python benchmarks/bench_processor.py [--repeats 5] [--skip-memory]`. Prints lines `name: value (ratio vs
-reference)`, from the median of interleaved runs. Targets: ours <= 0.7x the MONAI chain's time; peak memory on a 512^3 volume <= 3x its float32 size.
+reference)`, from the median of interleaved runs. Targets: ours <= 0.7x the MONAI chain's time; peak memory on a
+512^3 volume <= 3x its float32 size.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ import nibabel
 import numpy as np
 import torch
 
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 from image_processing_medblip import MedBlipImageProcessor  # noqa: E402
+
 
 # -----------------------------------------------------------------------------------------------------------------
 # defaults

@@ -19,6 +19,7 @@ from .manifest import (
     split_report,
 )
 
+
 __all__ = [
     "MANIFEST_COLUMNS",
     "REQUIRED_COLUMNS",

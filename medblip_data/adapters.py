@@ -1,6 +1,6 @@
 """Adapters from the official metadata of AD cohorts to manifest rows, and image matching.
 
-Each ``<cohort>_records(table)`` turns a metadata table (column names of the public releases, DESIGN.md §4)
+Each ``<cohort>_records(table)`` turns a metadata table (column names of the public releases)
 into *records*: manifest rows without ``image_path`` plus matching keys, ``_subject_token`` (a string that
 must occur in an image's path) and ``_visit_tokens`` (strings, one of which must occur when the subject has
 several records). ``match_images`` then assigns image files to records; every matched file becomes one
@@ -34,6 +34,7 @@ import pandas as pd
 from labels_medblip import is_missing, normalize_sex, number_or_none
 
 from .manifest import MANIFEST_COLUMNS
+
 
 logger = logging.getLogger(__name__)
 

@@ -1,9 +1,8 @@
 """Training-time augmentation of cached patches: left-right flip, contrast (gamma) and Gaussian noise.
 
 It works on what the cache stores (patches of the processor's RAS volume, standardised with ``image_mean`` /
-``image_std``), so the cache itself stays augmentation-free. Why these three: held-out scanner sites differ in
-contrast, blur and noise, and without augmentation the language model memorises the training subjects from their
-image tokens (LM loss 0.01 by step 600 of the built-in default).
+``image_std``), so the cache itself stays augmentation-free. Held-out scanner sites differ in contrast, blur and
+noise; docs/experiments.md records what each augmentation changed.
 
 Each volume's draw is a function of a string key (the training loop uses seed, epoch and scan identity), never of a
 global RNG state: the loader collates one batch ahead, so a resumed run must draw the same values again.

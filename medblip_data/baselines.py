@@ -32,6 +32,7 @@ from labels_medblip import DIAGNOSIS_LABELS, normalize_diagnosis
 
 from .manifest import read_manifest
 
+
 logger = logging.getLogger(__name__)
 
 FEATURE_SETS: dict[str, tuple[str, ...]] = {
@@ -79,7 +80,8 @@ def fit_and_score(train: pd.DataFrame, test: pd.DataFrame, columns: Sequence[str
     truth = test["diagnosis"]
     return {"balanced_accuracy": float(balanced_accuracy_score(truth, predicted)),
             "accuracy": float(accuracy_score(truth, predicted)),
-            "macro_f1": float(f1_score(truth, predicted, average="macro", labels=list(DIAGNOSIS_LABELS), zero_division=0))}
+            "macro_f1": float(f1_score(truth, predicted, average="macro", labels=list(DIAGNOSIS_LABELS),
+                                       zero_division=0))}
 
 
 def reference_baselines(train_rows: Sequence[Mapping[str, Any]] | pd.DataFrame,
@@ -87,7 +89,7 @@ def reference_baselines(train_rows: Sequence[Mapping[str, Any]] | pd.DataFrame,
     """Scores of every feature set in ``FEATURE_SETS``: ``{name: {balanced_accuracy, accuracy, macro_f1}}``.
 
     Rows are manifest rows (dicts or a DataFrame) with ``diagnosis`` and the feature columns; labels are
-    normalised to CN/MCI/AD. A feature set whose columns are absent from the rows is skipped (logged).
+    normalized to CN/MCI/AD. A feature set whose columns are absent from the rows is skipped (logged).
     """
     train, test = _frame(train_rows), _frame(test_rows)
     results: dict[str, dict[str, float]] = {}

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 1

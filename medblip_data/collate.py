@@ -14,6 +14,7 @@ import torch
 
 from .augment import VolumeAugmentation
 
+
 INPUT_MODES = ("image_text", "image_only", "text_only")
 
 

@@ -19,7 +19,7 @@ apoe4         no        number of APOE e4 alleles, 0/1/2
 notes         no        free text appended to the health record
 ============  ========  ===============================================================================
 
-Other columns (e.g. the synthetic cohort's ``ventricles_ml``) are kept. ``load_corpus`` normalises
+Other columns (e.g. the synthetic cohort's ``ventricles_ml``) are kept. ``load_corpus`` normalizes
 ``diagnosis`` to CN/MCI/AD through ``DIAGNOSIS_TABLE`` (the raw label is kept in ``diagnosis_raw``) and splits
 by subject: a person's scans never land in two splits, and whole cohorts can be held out as ``zeroshot``.
 """
@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from labels_medblip import DIAGNOSIS_LABELS, is_missing, normalize_diagnosis, normalize_sex
+
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
 
     Returns a DataFrame with every ``MANIFEST_COLUMNS`` column (missing optional ones filled with None/NaN),
     any extra columns, and ``image_path`` resolved to an absolute path (relative paths are taken from the
-    manifest's folder). The raw ``diagnosis`` is not normalised here.
+    manifest's folder). The raw ``diagnosis`` is not normalized here.
 
     Raises:
         ManifestError: file missing or unparsable, a required column absent, or empty values in a required
@@ -180,7 +181,7 @@ def check_subject_disjoint(dataset_dict: Any) -> None:
             seen[key] = split
 
 
-def _normalise_labels(frame: pd.DataFrame) -> pd.DataFrame:
+def _normalize_labels(frame: pd.DataFrame) -> pd.DataFrame:
     frame["diagnosis_raw"] = frame["diagnosis"].astype(str)
     labels = []
     for i, raw in enumerate(frame["diagnosis"]):
@@ -239,7 +240,7 @@ def load_corpus(manifests: Sequence[str | Path] | str | Path, holdout_datasets: 
         frame = read_manifest(path)
         frame["_manifest"] = str(Path(path).resolve())
         frames.append(frame)
-    frame = _normalise_labels(pd.concat(frames, ignore_index=True))
+    frame = _normalize_labels(pd.concat(frames, ignore_index=True))
     frame["_subject"] = [subject_key(d, s) for d, s in zip(frame["dataset"], frame["subject_id"])]
     holdout = set(holdout_datasets)
     unknown = sorted(holdout - set(frame["dataset"]))

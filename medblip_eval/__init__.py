@@ -6,6 +6,7 @@
 from .predict import DECODERS, MODES, class_labels, evaluate_dataset, load_metric, predict, reference_baselines
 from .report import plot_confusion_matrices, plot_learning_curves, write_evaluation, write_model_card
 
+
 __all__ = [
     "DECODERS",
     "MODES",

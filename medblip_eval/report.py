@@ -21,7 +21,8 @@ def plot_confusion_matrices(results: dict, labels: list[str], title: str, path: 
         matrix = np.array(entry["confusion_matrix"])
         axis.imshow(matrix, cmap="Blues")
         for (i, j), count in np.ndenumerate(matrix):
-            axis.text(j, i, str(count), ha="center", va="center", color="black" if count < matrix.max() / 2 else "white")
+            color = "black" if count < matrix.max() / 2 else "white"
+            axis.text(j, i, str(count), ha="center", va="center", color=color)
         ticks = range(len(labels))
         axis.set(xticks=ticks, yticks=ticks, xticklabels=labels, yticklabels=labels, xlabel="predicted",
                  ylabel="true", title=f"{mode}\nbalanced acc {entry['balanced_accuracy']:.2f}")
@@ -119,10 +120,10 @@ Splits are by subject. The built-in default is a *synthetic* cohort made by warp
 
 ## Preprocessing contract
 `MedBlipProcessor` (saved beside the weights) reads NIfTI/MGZ/DICOM or arrays with spacing, reorients to RAS,
-resamples to {target_spacing} mm, crops to the foreground, normalises intensities
-robustly to [0, 1], fits the volume into {volume_size} voxels keeping the aspect ratio, standardises
-it to [-1, 1] (`image_mean` = `image_std` = 0.5, background -1) and cuts {patch_size} patches. Health-record fields given
-to the model: {record_fields}.
+resamples to {target_spacing} mm, crops to the foreground, scales intensities robustly to [0, 1], fits the
+volume into {volume_size} voxels keeping the aspect ratio, standardises it to [-1, 1] (`image_mean` =
+`image_std` = 0.5, background -1) and cuts {patch_size} patches. Health-record fields given to the model:
+{record_fields}.
 
 ## Evaluation ({split} split: {n} volumes)
 {results_table}
@@ -153,7 +154,8 @@ def write_model_card(folder: Path, results: dict, baselines: dict | None, snapsh
         tags=["medblip", "medical", "mri", "3d", "alzheimers", "vision-language", "trust_remote_code"],
     )
     content = CARD_TEMPLATE.format(
-        card_yaml=card_data.to_yaml(), preset=snapshot["model"]["preset"], num_query_tokens=snapshot["num_query_tokens"],
+        card_yaml=card_data.to_yaml(), preset=snapshot["model"]["preset"],
+        num_query_tokens=snapshot["num_query_tokens"],
         manifests=snapshot["data"]["manifests"], holdout=snapshot["data"]["holdout_datasets"],
         target_spacing=snapshot["model"]["target_spacing"], volume_size=snapshot["volume_size"],
         patch_size=snapshot["patch_size"], record_fields=snapshot["model"]["record_fields"], split=split,

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from medblip_data.augment import VolumeAugmentation
 from image_processing_medblip import MedBlipImageProcessor
+from medblip_data.augment import VolumeAugmentation
 from volume_medblip import patches_to_volume
+
 
 PATCH = (8, 8, 8)
 

@@ -5,9 +5,9 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO_ROOT
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import bench_gpu  # noqa: E402
@@ -15,11 +15,12 @@ import bench_model  # noqa: E402
 
 from configuration_medblip import MedBlipConfig  # noqa: E402
 
+
 LINE = re.compile(r"^[a-z0-9_]+: [0-9.]+(e[+-]\d+)? \(.+\)$")
 TINY_T5 = {
     "model_type": "t5", "vocab_size": 512, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2,
     "num_decoder_layers": 2, "num_heads": 4, "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1,
-}  # fmt: skip
+}
 
 
 def metric_lines(text: str) -> dict:
@@ -35,7 +36,7 @@ def test_analytic_flops_equal_torch_flop_counter(lm, lm_loss_only):
         overrides.update(text_config=TINY_T5, image_token_index=511)
     config = MedBlipConfig.from_preset("tiny", **overrides)
     argv = ["--preset", "tiny", "--prompt-length", "5", "--answer-length", "3", "--qformer-text-length", "7",
-            "--qformer-answer-length", "4"] + ["--lm-loss-only"] * lm_loss_only  # fmt: skip
+            "--qformer-answer-length", "4"] + ["--lm-loss-only"] * lm_loss_only
     args = bench_gpu.parse_args(argv)
     model = bench_gpu.build_model(config, "cpu").float().train()
     model.config.vision_config.hidden_dropout_prob = 0.0
@@ -63,7 +64,7 @@ def test_bench_gpu_refuses_without_cuda(capsys):
 def test_bench_gpu_cpu_smoke(capsys):
     """The training loop (bf16 autocast, checkpointing, AdamW) runs; on CPU only to exercise the code."""
     argv = ["--preset", "tiny", "--device", "cpu", "--batch-sizes", "1", "--warmup", "0", "--steps", "1",
-            "--checkpointing", "all", "--lm-loss-only"]  # fmt: skip
+            "--checkpointing", "all", "--lm-loss-only"]
     assert bench_gpu.main(argv) == 0
     assert "tiny_bs1_volumes_per_s" in metric_lines(capsys.readouterr().out)
 
@@ -72,10 +73,10 @@ def test_bench_model_prints_ratio_lines(capsys):
     argv = ["--batch-size", "2", "--repeats", "1", "--warmup", "0", "--vision-width", "32", "--vision-layers", "1",
             "--vision-heads", "2", "--grid", "4", "--patch", "4", "--qformer-width", "32", "--qformer-layers", "2",
             "--qformer-heads", "2", "--num-query-tokens", "4", "--lm-width", "32", "--lm-layers", "1",
-            "--lm-heads", "2", "--prompt-length", "4", "--answer-length", "3"]  # fmt: skip
+            "--lm-heads", "2", "--prompt-length", "4", "--answer-length", "3"]
     result = bench_model.main(argv)
     lines = metric_lines(capsys.readouterr().out)
     for name in ("blip2_fwd_bwd_lm_loss_ms", "medblip_fwd_bwd_lm_loss_ms", "medblip_fwd_bwd_full_loss_ms",
-                 "separate_forwards_3_candidates_ms", "score_candidates_3_candidates_ms"):  # fmt: skip
+                 "separate_forwards_3_candidates_ms", "score_candidates_3_candidates_ms"):
         assert name in lines
     assert result["max_score_diff"] < 1e-3  # both scorers compute the same log-likelihoods

@@ -8,8 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medblip_data.cache import BadScanError, build_cache, cache_folder_of, read_bad_scans
 from image_processing_medblip import MedBlipImageProcessor
+from medblip_data.cache import BadScanError, build_cache, cache_folder_of, read_bad_scans
 
 
 def write_scan(path, shape=(20, 24, 20), seed=0, axcodes_flip=False):

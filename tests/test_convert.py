@@ -5,7 +5,7 @@ import torch
 from test_modeling import build, tiny_config
 
 from configuration_medblip import MedBlipConfig
-from convert_medblip import from_blip2_pretrained, inflate_patch_embedding, init_qformer_from_bert
+from convert_medblip import build_gpt2_tokenizer, from_blip2_pretrained, inflate_patch_embedding, init_qformer_from_bert
 from modeling_medblip import MedBlipForConditionalGeneration
 
 
@@ -61,7 +61,7 @@ def test_from_blip2_pretrained_copies_every_tensor(tmp_path):
                         "max_position_embeddings": 64},
         text_config={"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "vocab_size": 300},
         num_query_tokens=4, image_token_index=299,
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     blip2 = Blip2ForConditionalGeneration(blip2_config)
     blip2.save_pretrained(tmp_path)
@@ -91,3 +91,16 @@ def test_from_blip2_pretrained_copies_every_tensor(tmp_path):
     layer = model.qformer.encoder.layer[1]
     torch.testing.assert_close(layer.intermediate.dense.weight, layer.intermediate_query.dense.weight)
     assert not any(p.requires_grad for p in model.language_model.parameters())
+
+
+def test_gpt2_tokenizer_is_the_real_bpe():
+    gpt2_tokenizer = build_gpt2_tokenizer()
+    ids = gpt2_tokenizer.encode("Dementia", add_special_tokens=False)
+    assert len(ids) > 0 and gpt2_tokenizer.decode(ids) == "Dementia"
+    assert gpt2_tokenizer.encode(" the", add_special_tokens=False) == [262]  # GPT-2's id for " the"
+    text = "A 74-year-old female. MMSE 27. Answer: mild cognitive impairment (MCI)"
+    assert gpt2_tokenizer.decode(gpt2_tokenizer.encode(text, add_special_tokens=False)) == text
+    assert gpt2_tokenizer.convert_tokens_to_ids(["<image>", "<pad>"]) == [50257, 50258]
+    assert gpt2_tokenizer.eos_token_id == 50256 and gpt2_tokenizer.pad_token_id == 50258
+    assert len(gpt2_tokenizer) == 50259 and gpt2_tokenizer.padding_side == "left"
+    assert gpt2_tokenizer.encode("<image><image>x", add_special_tokens=False)[:2] == [50257, 50257]

@@ -1,13 +1,22 @@
 """Manifests, subject-level splits, label tables, cohort adapters and reference baselines."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import REPO_ROOT
 
-from medblip_data import ManifestError, check_subject_disjoint, load_corpus, normalize_diagnosis, read_manifest
-from medblip_data import adapters
+from medblip_data import (
+    ManifestError,
+    adapters,
+    check_subject_disjoint,
+    load_corpus,
+    normalize_diagnosis,
+    read_manifest,
+)
 from medblip_data.baselines import reference_baselines
 from medblip_data.build_manifest import main as build_manifest_cli
 
@@ -290,3 +299,21 @@ def test_reference_baselines_on_separable_toy():
     assert results["image_oracle"]["balanced_accuracy"] > 0.9
     assert results["text_floor"]["balanced_accuracy"] < 0.6
     assert set(results["image_and_text"]) == {"balanced_accuracy", "accuracy", "macro_f1"}
+
+
+def test_reading_a_manifest_imports_neither_torch_nor_transformers(tmp_path):
+    """The corpus layer depends on the label tables only: reading a manifest (and importing every medblip_data
+    module that does not process volumes) never pulls in torch or transformers."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("subject_id,image_path,diagnosis,dataset\ns1,a.nii.gz,CN,X\n")
+    script = (
+        "import sys\n"
+        "import medblip_data, medblip_data.adapters, medblip_data.baselines, medblip_data.build_manifest\n"
+        f"frame = medblip_data.read_manifest({str(manifest)!r})\n"
+        "assert len(frame) == 1\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'nibabel') if m in sys.modules))\n"
+        "import medblip_data.augment, medblip_data.cache, medblip_data.collate\n"
+        "print('transformers' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.split("\n")[:2] == ["[]", "False"]

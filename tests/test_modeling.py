@@ -9,16 +9,16 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import REPO_ROOT
 
 from configuration_medblip import PRESETS, MedBlipConfig
 from modeling_medblip import MedBlipForConditionalGeneration
 
+
 TINY_T5 = {
     "model_type": "t5", "vocab_size": 512, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2,
     "num_decoder_layers": 2, "num_heads": 4, "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1,
-}  # fmt: skip
+}
 T5_IMAGE_TOKEN = 511
 
 
@@ -352,7 +352,7 @@ def test_candidate_scores_equal_token_log_probs_summed_by_hand(lm):
         scores = model.score_candidates(
             prompt, candidates, pixel_values=batch["pixel_values"], attention_mask=prompt_mask,
             candidate_attention_mask=candidate_mask,
-        )  # fmt: skip
+        )
         assert scores.shape == (2, 3)
         for i in range(2):
             for k in range(3):
@@ -360,13 +360,14 @@ def test_candidate_scores_equal_token_log_probs_summed_by_hand(lm):
                 if lm == "gpt2":
                     ids = torch.cat([prompt[i], answer])[None]
                     mask = torch.cat([prompt_mask[i], torch.ones_like(answer)])[None]
-                    logits = model(pixel_values=batch["pixel_values"][i : i + 1], input_ids=ids, attention_mask=mask).logits
+                    pixels = batch["pixel_values"][i : i + 1]
+                    logits = model(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits
                     log_probs = F.log_softmax(logits[0, prompt.shape[1] - 1 : -1], dim=-1)
                 else:
                     output = model(
                         pixel_values=batch["pixel_values"][i : i + 1], input_ids=prompt[i : i + 1],
                         attention_mask=prompt_mask[i : i + 1], labels=answer[None],
-                    )  # fmt: skip
+                    )
                     log_probs = F.log_softmax(output.logits[0], dim=-1)
                 expected = sum(log_probs[t, token].item() for t, token in enumerate(answer.tolist()))
                 assert scores[i, k].item() == pytest.approx(expected, abs=1e-4)
@@ -473,7 +474,8 @@ def test_contrastive_losses_see_the_global_batch_under_two_processes(tmp_path):
     model.train()
     output = model(**batch)
     (output.loss_itc_text + output.loss_itc_answer).backward()
-    checked = ("query_tokens", "temperature", "vision_projection.weight", "vision_model.embeddings.patch_embedding.weight")
+    checked = ("query_tokens", "temperature", "vision_projection.weight",
+               "vision_model.embeddings.patch_embedding.weight")
     parameters = dict(model.named_parameters())
     script = textwrap.dedent(f"""
         import torch, torch.distributed as dist
@@ -504,7 +506,7 @@ def test_contrastive_losses_see_the_global_batch_under_two_processes(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                              str(tmp_path / "worker.py")], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)  # fmt: skip
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     distributed = load_file(tmp_path / "distributed.safetensors")
     torch.testing.assert_close(distributed["loss_itc_text"][0], output.loss_itc_text.detach(), atol=1e-5, rtol=1e-5)

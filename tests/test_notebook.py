@@ -3,10 +3,10 @@
 from pathlib import Path
 
 import nbformat
-from nbclient import NotebookClient
-
 from conftest import REPO_ROOT
+from nbclient import NotebookClient
 from test_pipeline import build_tiny_folder
+
 
 NOTEBOOK = REPO_ROOT / "examples" / "quickstart.ipynb"
 
@@ -18,7 +18,7 @@ def test_notebook_is_stored_clean():
     assert code and all(not cell.outputs and cell.execution_count is None for cell in code)
     source = "\n".join(cell.source for cell in code)
     for needle in ("MEDBLIP_MODEL_DIR", "MEDBLIP_VOLUME", "zero-shot-volume-classification",
-                   "volume-question-answering", "plot_attention"):  # fmt: skip
+                   "volume-question-answering", "plot_attention"):
         assert needle in source
 
 

@@ -28,6 +28,7 @@ from pipeline_medblip import (
 )
 from processing_medblip import MedBlipProcessor
 
+
 RECORDS = [{"age": 74, "sex": "F", "mmse": 24}, {"age": 81.5, "sex": "M", "education": 12, "mmse": 19, "apoe4": 2}]
 
 
@@ -113,7 +114,7 @@ def test_scores_are_the_softmax_of_the_model_candidate_log_likelihoods(classifie
     log_likelihoods = model.score_candidates(
         inputs["input_ids"], **processor.candidate_inputs(["CN", "MCI", "AD"]), pixel_values=inputs["pixel_values"],
         attention_mask=inputs["attention_mask"], patch_grid=inputs["patch_grid"],
-    )[0].softmax(-1)  # fmt: skip
+    )[0].softmax(-1)
     scores = {s["label"]: s["score"] for s in classifier(anatomical_nii, record=RECORDS[1])}
     assert [scores[label] for label in ("CN", "MCI", "AD")] == pytest.approx(log_likelihoods.tolist(), abs=1e-6)
 
@@ -169,7 +170,7 @@ def test_question_answering_passes_generation_arguments(vqa, anatomical_nii, mon
 
     monkeypatch.setattr(vqa.model, "generate", spy)
     answer = vqa(anatomical_nii, question="What will this subject be diagnosed with?", record=RECORDS[0],
-                 max_new_tokens=3, num_beams=2)  # fmt: skip
+                 max_new_tokens=3, num_beams=2)
     assert len(answer) == 1 and set(answer[0]) == {"answer"} and isinstance(answer[0]["answer"], str)
     kwargs, generated = calls[-1]
     assert kwargs["max_new_tokens"] == 3 and kwargs["num_beams"] == 2 and generated.shape[1] <= 3

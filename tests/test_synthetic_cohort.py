@@ -9,6 +9,7 @@ import pytest
 
 import synthetic_cohort as sc
 
+
 N_PER_CLASS, SIZE = 3, 32
 
 

@@ -16,6 +16,8 @@ from sklearn import metrics as skm
 
 import train
 from medblip_data.collate import make_collate
+from medblip_train.checkpoints import BEST_WEIGHTS_FILE
+
 
 LABELS = ["CN", "MCI", "AD"]
 
@@ -26,7 +28,7 @@ def tiny_args(cohort: Path, work: Path, output: Path, *extra: str) -> list[str]:
         "--output_dir", str(output), "--target_spacing", "6", "6", "6", "--batch_size", "4", "--max_steps", "6",
         "--log_every", "1", "--eval_every", "3", "--save_every", "3", "--keep_last", "2", "--report_to", "none",
         "--num_proc", "1", "--eval_batch_size", "8", "--max_new_tokens", "4", "--learning_rate", "1e-3", *extra,
-    ]  # fmt: skip
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def test_training_run_writes_hub_folder_plots_and_card(trained):
     output, results = trained
     for name in ("config.json", "model.safetensors", "modeling_medblip.py", "configuration_medblip.py",
                  "processing_medblip.py", "processor_config.json", "eval_results.json", "learning_curves.png",
-                 "confusion_zeroshot.png", "README.md", "training_config.json"):  # fmt: skip
+                 "confusion_zeroshot.png", "README.md", "training_config.json"):
         assert (output / name).exists(), name
     card = (output / "README.md").read_text()
     assert "Not for clinical use" in card and "library_name: transformers" in card
@@ -114,16 +116,17 @@ def test_resume_reproduces_the_uninterrupted_loss_sequence(trained, cohort, tmp_
     history = {h["step"]: h["loss"] for h in train_history(output)}
     resumed_output = tmp_path / "resumed"
     train.main(tiny_args(cohort, tmp_path, resumed_output, "--resume_from_checkpoint",
-                         str(output / "checkpoints" / "checkpoint-0000003"), "--eval_splits", "zeroshot"))  # fmt: skip
+                         str(output / "checkpoints" / "checkpoint-0000003"), "--eval_splits", "zeroshot"))
     resumed = {h["step"]: h["loss"] for h in train_history(resumed_output)}
     assert uninterrupted["train"]["max_steps"] == 6
     assert [resumed[s] for s in (4, 5, 6)] == [history[s] for s in (4, 5, 6)]  # exact, on CPU
     # the best validation step may lie before the interruption: its weights travel in the checkpoint
-    with safe_open(str(output / "checkpoints" / "checkpoint-0000003" / train.BEST_WEIGHTS_FILE), "pt") as best:
+    with safe_open(str(output / "checkpoints" / "checkpoint-0000003" / BEST_WEIGHTS_FILE), "pt") as best:
         assert "query_tokens" in best.keys() and not any(k.startswith("language_model.") for k in best.keys())
     resumed_config = json.loads((resumed_output / "training_config.json").read_text())
     assert resumed_config["best_step"] == uninterrupted["best_step"]
-    with safe_open(str(output / "model.safetensors"), "pt") as a, safe_open(str(resumed_output / "model.safetensors"), "pt") as b:
+    with (safe_open(str(output / "model.safetensors"), "pt") as a,
+          safe_open(str(resumed_output / "model.safetensors"), "pt") as b):
         assert set(a.keys()) == set(b.keys())
         for key in a.keys():
             assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
@@ -160,7 +163,7 @@ def test_saved_folder_loads_in_a_fresh_process(trained, tmp_path):
     """)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)  # fmt: skip
+                            timeout=300)
     assert "LOADED OK" in result.stdout, result.stderr[-3000:]
 
 
@@ -171,7 +174,7 @@ def test_eval_only_on_a_manifest(trained, cohort, tmp_path):
         "--eval_only", "--model_name_or_path", str(output), "--eval_manifest", str(cohort / "manifest.csv"),
         "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache"), "--num_proc", "1", "--report_to", "none",
         "--max_new_tokens", "3",
-    ])  # fmt: skip
+    ])
     saved = json.loads((out / "eval_results.json").read_text())
     assert saved["likelihood"]["image_text"]["all"]["n"] == 18
     assert results["generate"]["text_only"]["all"]["n"] == 18
@@ -198,7 +201,7 @@ def test_two_process_training_writes_one_checkpoint(cohort, tmp_path):
     output = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO_ROOT / "train.py"),
                *tiny_args(cohort, tmp_path, output), "--max_steps", "2", "--save_every", "2", "--batch_size", "2",
-               "--eval_splits", "zeroshot"]  # fmt: skip
+               "--eval_splits", "zeroshot"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -232,7 +235,7 @@ def test_record_and_image_dropout_are_exclusive_and_reproducible(minilm_path):
     processor = MedBlipProcessor(MedBlipImageProcessor(volume_size=(16, 16, 16), patch_size=(8, 8, 8)),
                                  build_gpt2_tokenizer(), AutoTokenizer.from_pretrained(minilm_path), num_query_tokens=4)
     rows = [{"image_path": f"images/sub-{i:03d}.nii.gz", "diagnosis": "CN", "age": 70 + i % 9, "mmse": 28,
-             "pixel_values": np.zeros((8, 512), np.float16), "patch_grid": [2, 2, 2]} for i in range(400)]  # fmt: skip
+             "pixel_values": np.zeros((8, 512), np.float16), "patch_grid": [2, 2, 2]} for i in range(400)]
     collate = make_collate(processor, ["age", "mmse"], record_dropout=0.3, image_dropout=0.2, seed=0)
     batch = collate(rows)
     image_slots = (batch["input_ids"] == processor.image_token_id).sum(1)

@@ -77,7 +77,7 @@ class MedblipDiagnosis(evaluate.Metric):
             "unmappable": int((~mapped).sum()),
             "confusion_matrix": np.zeros((num_classes, num_classes), dtype=int).tolist() if not mapped.any()
             else skm.confusion_matrix(references[mapped], predictions[mapped], labels=labels).tolist(),
-        }  # fmt: skip
+        }
         if scores is not None:
             scores = np.asarray(scores, dtype=np.float64)
             if set(references.tolist()) == set(labels):

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from image_processing_medblip import MedBlipImageProcessor
 from volume_medblip import Spacing, ToTensor, Volume, VolumeError, patches_to_volume, volume_to_patches
 
+
 SMALL = dict(volume_size=(32, 32, 32), patch_size=(8, 8, 8))
 
 
@@ -154,7 +155,11 @@ def test_resample_matches_scipy_at_recorded_affine(mni_template):
 def _monai_chain(image, pixdim, size):
     from monai.data import MetaTensor
     from monai.transforms import (
-        NormalizeIntensity, Orientation, ResizeWithPadOrCrop, ScaleIntensityRangePercentiles, Spacing,
+        NormalizeIntensity,
+        Orientation,
+        ResizeWithPadOrCrop,
+        ScaleIntensityRangePercentiles,
+        Spacing,
     )
 
     with warnings.catch_warnings():
@@ -295,12 +300,13 @@ def test_fit_keeps_the_aspect_ratio_and_centres(tmp_path):
     volume = MedBlipImageProcessor(**common)(box, spacing=(2.0, 2.0, 2.0), return_volume=True)["volumes"][0, 0]
     inside = torch.nonzero(volume > 0)
     assert inside.min(0).values.tolist() == [0, 8, 12] and inside.max(0).values.tolist() == [31, 23, 19]
-    stretched = MedBlipImageProcessor(**common, keep_aspect_ratio=False)(box, spacing=(2.0, 2.0, 2.0), return_volume=True)
+    stretch = MedBlipImageProcessor(**common, keep_aspect_ratio=False)
+    stretched = stretch(box, spacing=(2.0, 2.0, 2.0), return_volume=True)
     inside = torch.nonzero(stretched["volumes"][0, 0] > 0)
     assert inside.min(0).values.tolist() == [0, 0, 0] and inside.max(0).values.tolist() == [31, 31, 31]
 
 
-def test_zscore_normalisation_is_finite_and_zero_outside_foreground(anatomical_nii):
+def test_zscore_normalization_is_finite_and_zero_outside_foreground(anatomical_nii):
     out = MedBlipImageProcessor(**SMALL, normalization="zscore")(anatomical_nii, return_volume=True)["volumes"]
     assert torch.isfinite(out).all() and float(out.std()) > 0.1
 

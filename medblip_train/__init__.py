@@ -1,0 +1,1 @@
+"""Training support for `train.py`: checkpoints."""
