@@ -284,12 +284,19 @@ def optimizer_groups(
     ]
 
 
+def build_optimizer(groups: list[dict]) -> torch.optim.AdamW:
+    """AdamW with the fused kernel (one pass over each tensor instead of a dozen foreach ops; on the `small` preset's
+    50 M trainable parameters the optimizer step is 4x faster on CPU, see benchmarks/README.md)."""
+    return torch.optim.AdamW(groups, fused=True)
+
+
 # ----------------------------------------------------------------------------------------------- evaluation
 def validation_score(model, processor, cached_validation, model_args, train_args, device, metric) -> float:
     """Balanced accuracy of the likelihood decoder with image + text on the validation split."""
     model.eval()
     results, _ = evaluate_dataset(model, processor, cached_validation, model_args.record_fields,
-                                  train_args.eval_batch_size, 1, device, metric)
+                                  train_args.eval_batch_size, 1, device, metric, modes=("image_text",),
+                                  decoders=("likelihood",))
     model.train()
     return results["likelihood"]["image_text"]["all"]["balanced_accuracy"]
 
@@ -436,7 +443,7 @@ def main(argv: list[str] | None = None) -> dict:
     model, processor = build_model(model_args)
     snapshot["data"]["manifests"], corpus, cached = build_data(data_args, processor.image_processor, accelerator)
     train_loader = training_loader(cached["train"], processor, model_args, train_args)
-    optimizer = torch.optim.AdamW(optimizer_groups(
+    optimizer = build_optimizer(optimizer_groups(
         model, train_args.weight_decay, train_args.learning_rate, train_args.image_path_learning_rate))
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, int(train_args.warmup_ratio * train_args.max_steps), train_args.max_steps)

@@ -29,8 +29,10 @@ def class_labels(config) -> list[str]:
 
 
 @torch.no_grad()
-def predict(model, processor, dataset, record_fields, mode, batch_size, max_new_tokens, device) -> dict:
-    """Per-volume predictions of one input mode: class probabilities (likelihood) and generated answers."""
+def predict(model, processor, dataset, record_fields, mode, batch_size, max_new_tokens, device,
+            generate: bool = True) -> dict:
+    """Per-volume predictions of one input mode: class probabilities (likelihood) and, with `generate`, generated
+    answers (else an empty list)."""
     collate = make_collate(processor, record_fields, mode=mode, labels=False)
     candidates = processor.candidate_inputs(class_labels(model.config)).to(device)
     probabilities, generated = [], []
@@ -44,27 +46,30 @@ def predict(model, processor, dataset, record_fields, mode, batch_size, max_new_
             patch_grid=batch.get("patch_grid"),
         )
         probabilities.append(torch.softmax(scores.float(), dim=-1).cpu())
-        tokens = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
-        generated += processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        if generate:
+            tokens = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+            generated += processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)
     return {"probabilities": torch.cat(probabilities).numpy(), "generated": [text.strip() for text in generated]}
 
 
-def evaluate_dataset(model, processor, dataset, record_fields, batch_size, max_new_tokens, device, metric):
-    """`{decoder: {mode: {"all" | dataset name: metrics}}}` and the per-volume predictions."""
+def evaluate_dataset(model, processor, dataset, record_fields, batch_size, max_new_tokens, device, metric,
+                     modes: tuple[str, ...] = MODES, decoders: tuple[str, ...] = DECODERS):
+    """`{decoder: {mode: {"all" | dataset name: metrics}}}` and the per-volume predictions, for the given input
+    modes and decoders (validation during training needs one of each)."""
     labels = class_labels(model.config)
     truth = np.array([labels.index(normalize_diagnosis(d)) for d in dataset["diagnosis"]])
     cohorts = np.array(dataset["dataset"])
     subjects = dataset["subject_id"]  # one column read, not a row (with its patches) per volume and mode
     groups = {"all": np.ones(len(truth), dtype=bool)} | {name: cohorts == name for name in sorted(set(cohorts))}
-    results = {decoder: {} for decoder in DECODERS}
+    results = {decoder: {} for decoder in decoders}
     predictions = []
-    for mode in MODES:
-        output = predict(model, processor, dataset, record_fields, mode, batch_size, max_new_tokens, device)
-        mapped = processor.post_process_generation(output["generated"])
-        per_decoder = {
-            "likelihood": (output["probabilities"].argmax(1), output["probabilities"]),
-            "generate": (np.array([labels.index(label) if label else -1 for label in mapped]), None),
-        }
+    for mode in modes:
+        output = predict(model, processor, dataset, record_fields, mode, batch_size, max_new_tokens, device,
+                         generate="generate" in decoders)
+        per_decoder = {"likelihood": (output["probabilities"].argmax(1), output["probabilities"])}
+        if "generate" in decoders:
+            mapped = processor.post_process_generation(output["generated"])
+            per_decoder["generate"] = (np.array([labels.index(label) if label else -1 for label in mapped]), None)
         for decoder, (predicted, scores) in per_decoder.items():
             results[decoder][mode] = {
                 name: metric.compute(predictions=predicted[mask].tolist(), references=truth[mask].tolist(),
@@ -75,7 +80,8 @@ def evaluate_dataset(model, processor, dataset, record_fields, batch_size, max_n
             predictions.append({
                 "subject_id": subjects[i], "dataset": cohorts[i], "mode": mode, "truth": labels[truth[i]],
                 "likelihood": labels[int(per_decoder["likelihood"][0][i])],
-                "probabilities": output["probabilities"][i].tolist(), "generated": output["generated"][i],
+                "probabilities": output["probabilities"][i].tolist(),
+                **({"generated": output["generated"][i]} if output["generated"] else {}),
             })
     return results, predictions
 
