@@ -346,14 +346,16 @@ class ToTensor:
             data = data.numpy()
         if data.size == 0:
             raise VolumeError(f"empty volume of shape {tuple(data.shape)}")
+        integer = data.dtype.kind in "biu"
+        if integer:  # no NaN or Inf; min and max of the source are cheaper than of its float32 copy
+            low, high = float(data.min()), float(data.max())
         if data.dtype != np.float32 or any(stride < 0 for stride in data.strides):
             data = np.array(data, dtype=np.float32, order="K")  # positive strides, source layout kept
         with warnings.catch_warnings():  # read-only arrays (nibabel, callers) are never written to in place
             warnings.simplefilter("ignore", UserWarning)
             tensor = torch.from_numpy(data)
-        layout, _ = _spatial_layout(tensor)
-        low, high = torch.aminmax(layout)  # NaN propagates into both; +-Inf shows as an extreme
-        low, high = float(low), float(high)
+        if not integer:
+            low, high = (float(v) for v in torch.aminmax(_spatial_layout(tensor)[0]))  # NaN/Inf show in both
         if not (math.isfinite(low) and math.isfinite(high)):
             raise VolumeError("volume contains NaN or Inf voxels (or values beyond float32 range)")
         if low == high:
@@ -425,24 +427,40 @@ class Spacing:
         return replace(volume, data=data, affine=_resized_affine(volume.affine, shape, new_shape), mask=None)
 
 
-def _quantiles(values: torch.Tensor, q: Sequence[float]) -> list[float]:
-    """Quantiles of a 1D float tensor with numpy's default (linear) rule, exact.
+def _order_statistics(values: torch.Tensor, ranks: Sequence[int]) -> list[float]:
+    """Values at 0-based `ranks` of the ascending order of a 1D tensor, exact.
 
-    Uses `torch.topk` on the nearer tail (k is small for the usual 0.5/99.5 percentiles), which is an order of
-    magnitude faster than `torch.quantile` (a full sort, limited to 2**24 elements).
+    Only the shorter tail that holds the ranks is sorted: a strided sample picks a threshold that keeps a little
+    more than that tail, the count of kept values is checked, and `torch.topk` is the fallback when the sample was
+    unlucky. Several times faster than `topk` on the whole volume, itself an order of magnitude faster than
+    `torch.quantile` (a full sort).
     """
+    count = values.numel()
+    from_top = count - min(ranks) < max(ranks) + 1  # the ranks lie high: read the tail from the top
+    needed = count - min(ranks) if from_top else max(ranks) + 1
+    stride = max(1, count // 65536)
+    sample = values[::stride].numpy()  # about 65k values
+    margin = int(needed / stride * 1.2) + 64  # sampled rank that keeps about 20% more than needed
+    tail = None
+    if margin < sample.size:
+        kth = sample.size - 1 - margin if from_top else margin
+        threshold = float(np.partition(sample, kth)[kth])
+        candidates = values[values >= threshold] if from_top else values[values <= threshold]
+        if candidates.numel() >= needed:
+            tail = torch.sort(candidates, descending=from_top).values
+    if tail is None:
+        tail = torch.topk(values, needed, largest=from_top, sorted=True).values
+    return [float(tail[count - 1 - rank] if from_top else tail[rank]) for rank in ranks]
+
+
+def _quantiles(values: torch.Tensor, q: Sequence[float]) -> list[float]:
+    """Quantiles of a 1D float tensor with numpy's default (linear) rule, exact."""
     count = values.numel()
     result = []
     for fraction in q:
         position = fraction * (count - 1)
         low_rank = int(math.floor(position))
-        high_rank = min(low_rank + 1, count - 1)
-        if fraction <= 0.5:
-            smallest = torch.topk(values, high_rank + 1, largest=False, sorted=True).values
-            low, high = float(smallest[low_rank]), float(smallest[high_rank])
-        else:
-            largest = torch.topk(values, count - low_rank, largest=True, sorted=True).values
-            low, high = float(largest[count - 1 - low_rank]), float(largest[count - 1 - high_rank])
+        low, high = _order_statistics(values, [low_rank, min(low_rank + 1, count - 1)])
         result.append(low + (position - low_rank) * (high - low))
     return result
 

@@ -454,3 +454,32 @@ def test_options_round_trip_through_json(tmp_path):
     assert loaded.to_dict() == processor.to_dict()
     with pytest.raises(TypeError, match="unexpected"):
         processor(np.random.rand(8, 8, 8), spacing=(1, 1, 1), do_resize=True)
+
+
+@pytest.mark.parametrize("count", [1, 2, 7, 1000, 70_001, 400_000])
+@pytest.mark.parametrize("kind", ["uniform", "ties", "negative"])
+def test_quantiles_equal_numpy_exactly(count, kind):
+    """The tail-sorting quantiles (sampled threshold, counted, topk fallback) give numpy's linear-rule values."""
+    from volume_medblip import _quantiles
+
+    rng = np.random.default_rng(count)
+    values = rng.random(count) if kind == "uniform" else rng.integers(0, 4, count).astype(float)
+    values = (-1000 * values if kind == "negative" else values).astype(np.float32)
+    fractions = [0.0, 0.005, 0.25, 0.5, 0.75, 0.995, 1.0]
+    expected = np.quantile(values.astype(np.float64), fractions)
+    np.testing.assert_allclose(_quantiles(torch.from_numpy(values), fractions), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_quantiles_fall_back_when_the_sample_misleads(monkeypatch):
+    """A strided sample that overstates the tail (every sampled value is large, the others are 0) keeps too few
+    candidates; the count check catches it and `topk` gives the exact order statistics."""
+    import volume_medblip
+
+    values = torch.zeros(200_000)
+    values[::3] = torch.arange(1, 66_668, dtype=torch.float32)  # exactly the positions the stride-3 sample reads
+    topk_calls = []
+    real_topk = torch.topk
+    monkeypatch.setattr(volume_medblip.torch, "topk", lambda *a, **k: topk_calls.append(1) or real_topk(*a, **k))
+    ranks = [200_000 - 200, 200_000 - 199]  # 200 values from the top: more than the 145 the sample promises
+    assert volume_medblip._order_statistics(values, ranks) == torch.sort(values).values[ranks].tolist()
+    assert topk_calls == [1]
