@@ -46,6 +46,8 @@ from typing import Sequence
 
 import nibabel as nib
 import numpy as np
+import torch
+import torch.nn.functional as F
 from nibabel import orientations
 from scipy import ndimage
 
@@ -55,7 +57,7 @@ from medblip_data.manifest import MANIFEST_COLUMNS
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3  # 3: trilinear sampling by torch's grid_sample
 # the manifest contract plus the ground-truth structure volumes (for the logistic-regression references)
 COHORT_COLUMNS: tuple[str, ...] = (*MANIFEST_COLUMNS, "ventricles_ml", "hippocampi_ml")
 MNI_BRAIN_CENTRE_MM: tuple[float, float, float] = (0.0, -18.0, 8.0)
@@ -250,9 +252,16 @@ def velocity_from_log_jacobian(log_jac: np.ndarray) -> np.ndarray:
     return np.stack(np.gradient(potential), axis=0).astype(np.float32)
 
 
-def _sample(field: np.ndarray, coords: np.ndarray) -> np.ndarray:
-    """Trilinear samples of every channel of ``field`` (C, X, Y, Z) at voxel ``coords`` (3, N), edge-clamped."""
-    return np.stack([ndimage.map_coordinates(c, coords, order=1, mode="nearest") for c in field])
+def _sample(field: np.ndarray, coords: np.ndarray, padding: str = "border") -> np.ndarray:
+    """Trilinear samples of every channel of ``field`` (C, X, Y, Z) at voxel ``coords`` (3, N): float32, all channels
+    in one `grid_sample` call (an order of magnitude faster than scipy's map_coordinates per channel). Outside the
+    grid: the edge value (``padding="border"``) or 0 (``"zeros"``)."""
+    sizes = torch.tensor(field.shape[1:], dtype=torch.float32)[:, None]
+    normalized = 2.0 * torch.as_tensor(coords, dtype=torch.float32) / (sizes - 1).clamp(min=1) - 1.0
+    grid = normalized.flip(0).T.reshape(1, 1, 1, -1, 3)  # grid_sample reads (W, H, D) = array axes (2, 1, 0)
+    volume = torch.as_tensor(np.ascontiguousarray(field, dtype=np.float32))[None]
+    samples = F.grid_sample(volume, grid, mode="bilinear", padding_mode=padding, align_corners=True)
+    return samples.reshape(field.shape[0], -1).numpy()
 
 
 def exponentiate(velocity: np.ndarray, steps: int = SQUARING_STEPS) -> np.ndarray:
@@ -398,7 +407,7 @@ def structure_volume_ml(mask: np.ndarray, atlas: Atlas, warp: SubjectWarp, margi
     template = warp(world)
     inv = np.linalg.inv(atlas.affine)
     vox = inv[:3, :3] @ template + inv[:3, 3:4]
-    inside = ndimage.map_coordinates(mask, vox, order=1, cval=0.0)
+    inside = _sample(mask[None], vox, padding="zeros")
     return float(inside.sum() * 8.0 / 1000.0)
 
 
@@ -447,7 +456,7 @@ def scan(spec: SubjectSpec, site: Site, size: int, atlas: Atlas, warp: SubjectWa
     subject_mm = pose @ (scanner_mm - centre) + centre  # head pose in the scanner
     inv = np.linalg.inv(atlas.affine)
     template_vox = inv[:3, :3] @ warp(subject_mm.astype(np.float32)) + inv[:3, 3:4]
-    image = ndimage.map_coordinates(atlas.t1, template_vox, order=1, cval=0.0).reshape(shape)
+    image = _sample(atlas.t1[None], template_vox, padding="zeros").reshape(shape)
     image = np.power(np.clip(image, 0.0, None), site.gamma)
     sigma_vox = site.blur_mm / np.diag(ras_affine)[:3]
     image = ndimage.gaussian_filter(image, sigma_vox * 0.5)
@@ -511,6 +520,7 @@ def _manifest_row(spec: SubjectSpec, image_path: str, volumes: dict[str, float])
 def _generate_one(job: tuple[SubjectSpec, Site, int, str]) -> dict:
     """Worker: render and save one subject; returns its manifest row."""
     spec, site, size, out_dir = job
+    torch.set_num_threads(1)  # one process per core; a forked worker's inherited OpenMP pool would hang
     img, volumes = render_subject(spec, site, size)
     rel = f"images/{spec.subject_id}_{spec.visit}.nii.gz"
     nib.save(img, Path(out_dir) / rel)
