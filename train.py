@@ -77,6 +77,10 @@ class ModelArguments:
     augment: bool = field(
         default=True, metadata={"help": "random left-right flip, contrast (gamma) and noise of training volumes"}
     )
+    scanner_augment: bool = field(
+        default=False,
+        metadata={"help": "with --augment: also random pose, resolution, bias field and intensity curves (SynthSeg)"},
+    )
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     record_fields: list[str] = field(
         default_factory=lambda: ["age", "sex", "education", "mmse", "apoe4"],
@@ -193,8 +197,10 @@ def build_data(data_args: DataArguments, image_processor: MedBlipImageProcessor,
 def training_collate(processor: MedBlipProcessor, model_args: ModelArguments, seed: int):
     """The training loader's collate: record/image dropout and (with `--augment`) volume augmentation."""
     image_processor = processor.image_processor
-    augmentation = VolumeAugmentation(image_processor.patch_size, image_processor.image_mean,
-                                      image_processor.image_std) if model_args.augment else None
+    augmentation = None
+    if model_args.augment:
+        build = VolumeAugmentation.scanner_agnostic if model_args.scanner_augment else VolumeAugmentation
+        augmentation = build(image_processor.patch_size, image_processor.image_mean, image_processor.image_std)
     return make_collate(processor, model_args.record_fields, record_dropout=model_args.record_dropout,
                         image_dropout=model_args.image_dropout, seed=seed, augmentation=augmentation)
 
