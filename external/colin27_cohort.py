@@ -550,9 +550,11 @@ def _sample(volume: np.ndarray, affine: np.ndarray, points_mm: np.ndarray, mode:
 def displace(points_mm: np.ndarray, field: np.ndarray, anatomy: Colin27Anatomy) -> np.ndarray:
     """Colin27 positions (3, N) that the subject's template-space points (3, N) take their anatomy from (the field
     continues unchanged beyond its grid)."""
+    inverse = np.linalg.inv(anatomy.affine).astype(np.float32)
+    index = inverse[:3, :3] @ points_mm.astype(np.float32, copy=False) + inverse[:3, 3:4]
     moved = points_mm.astype(np.float32, copy=True)
     for axis in range(3):
-        moved[axis] += _sample(field[axis], anatomy.affine, points_mm, mode="nearest")
+        moved[axis] += ndimage.map_coordinates(field[axis], index, order=1, mode="nearest")
     return moved
 
 
