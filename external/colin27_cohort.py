@@ -55,6 +55,7 @@ import numpy as np
 from nibabel import orientations
 from scipy import fft, ndimage
 
+
 logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+
 CLASSES: tuple[str, ...] = ("CN", "MCI", "AD")
 FEATURES: dict[str, tuple[str, ...]] = {
     "image": ("ventricles_ml", "hippocampi_ml", "age"),

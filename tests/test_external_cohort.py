@@ -9,6 +9,7 @@ import pytest
 
 from external import colin27_cohort as ec
 
+
 N_PER_CLASS, SIZE, SEED = 2, 32, 5
 
 
