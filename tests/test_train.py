@@ -253,3 +253,32 @@ def test_record_and_image_dropout_are_exclusive_and_reproducible(minilm_path):
     assert not torch.equal(collate(rows)["input_ids"], batch["input_ids"])
     with pytest.raises(ValueError, match="record_dropout \\+ image_dropout must be <= 1"):
         make_collate(processor, ["age"], record_dropout=0.6, image_dropout=0.5)
+
+
+def test_seed_summary_reports_mean_and_sd_over_seeds(trained, tmp_path):
+    """medblip_eval.seeds summarises finished seed folders: per split, mode and decoder, mean ± sd of the balanced
+    accuracy, the baselines, and whether image + text beat text only in every seed."""
+    from medblip_eval import seeds
+
+    output, results = trained
+    for seed, shift in ((0, 0.0), (1, 0.1)):
+        folder = tmp_path / f"seed-{seed}"
+        folder.mkdir()
+        saved = json.loads((output / "eval_results_all_splits.json").read_text())
+        for split in saved["results"].values():
+            split["likelihood"]["image_text"]["all"]["balanced_accuracy"] += shift
+        (folder / seeds.RESULTS_FILE).write_text(json.dumps(saved))
+    summary = seeds.main(["--seeds", "0", "1", "--out", str(tmp_path)])
+    base = results["zeroshot"]["likelihood"]["image_text"]["all"]["balanced_accuracy"]
+    entry = summary["zeroshot"]["model"]["likelihood"]["image_text"]
+    assert entry["values"] == pytest.approx([base, base + 0.1])
+    assert entry["mean"] == pytest.approx(base + 0.05) and entry["sd"] == pytest.approx(0.1 / 2**0.5)
+    text_only = results["zeroshot"]["likelihood"]["text_only"]["all"]["balanced_accuracy"]
+    adds = summary["zeroshot"]["image_adds"]
+    assert adds["values"] == pytest.approx([base - text_only, base + 0.1 - text_only])
+    assert set(summary) == {"zeroshot", "test"} and "text_floor" in summary["zeroshot"]["baselines"]
+    table = (tmp_path / "summary.md").read_text()
+    assert f"| image_text | {base + 0.05:.3f} ± {0.1 / 2**0.5:.3f} |" in table and "### zeroshot" in table
+    assert (tmp_path / "summary.png").stat().st_size > 5000
+    with pytest.raises(SystemExit):
+        seeds.main(["--seeds", "0", "--out", str(tmp_path)])
