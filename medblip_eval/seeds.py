@@ -68,7 +68,8 @@ def markdown(summary: dict, seeds: list[int]) -> str:
     for split, entry in summary.items():
         lines += [f"### {split}", "", "| input | likelihood | generate |", "|---|---|---|"]
         model = entry["model"]
-        lines += [f"| {mode} | {_cell(model['likelihood'][mode])} | {_cell(model['generate'][mode])} |" for mode in MODES]
+        lines += [f"| {mode} | {_cell(model['likelihood'][mode])} | {_cell(model['generate'][mode])} |"
+                  for mode in MODES]
         if entry["baselines"]:
             lines += ["", "| logistic-regression reference | balanced acc |", "|---|---|"]
             lines += [f"| {name} | {_cell(value)} |" for name, value in entry["baselines"].items()]
