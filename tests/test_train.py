@@ -72,7 +72,7 @@ def test_eval_results_schema(trained):
         for mode, groups in results[decoder].items():
             assert "all" in groups and {"site_D", "site_E"} <= set(groups)
             entry = groups["all"]
-            for key in ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece", "n", "confusion_matrix"):
+            for key in ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece", "nll", "n", "confusion_matrix"):
                 assert key in entry
             assert np.array(entry["confusion_matrix"]).shape == (3, 3)
             assert entry["n"] == groups["site_D"]["n"] + groups["site_E"]["n"]
@@ -96,6 +96,7 @@ def test_eval_numbers_match_sklearn_on_the_same_predictions(trained):
         )
         auroc = skm.roc_auc_score(truth, probabilities, multi_class="ovr", labels=[0, 1, 2])
         assert entry["auroc"] == pytest.approx(auroc, abs=1e-9)
+        assert entry["nll"] == pytest.approx(skm.log_loss(truth, probabilities, labels=[0, 1, 2]), abs=1e-6)
         assert entry["confusion_matrix"] == skm.confusion_matrix(truth, predicted, labels=[0, 1, 2]).tolist()
 
 

@@ -23,8 +23,9 @@ Args:
     num_classes (`int`, defaults to 3).
     ece_bins (`int`, defaults to 10): equal-width confidence bins of the calibration error.
 Returns:
-    dict with accuracy, balanced_accuracy, macro_f1, auroc (None without scores or with a class absent), ece (None
-    without scores), n, unmappable, confusion_matrix (rows = truth, columns = prediction; unmappable ones left out).
+    dict with accuracy, balanced_accuracy, macro_f1, auroc (None without scores or with a class absent), ece and nll
+    (mean negative log-probability of the true class; both None without scores), n, unmappable, confusion_matrix
+    (rows = truth, columns = prediction; unmappable ones left out).
 Examples:
     >>> metric = evaluate.load("metrics/medblip_diagnosis")
     >>> metric.compute(predictions=[0, 1, 2, 2], references=[0, 1, 2, 1])["accuracy"]
@@ -73,6 +74,7 @@ class MedblipDiagnosis(evaluate.Metric):
                                            zero_division=0)),
             "auroc": None,
             "ece": None,
+            "nll": None,
             "n": int(len(references)),
             "unmappable": int((~mapped).sum()),
             "confusion_matrix": np.zeros((num_classes, num_classes), dtype=int).tolist() if not mapped.any()
@@ -83,4 +85,6 @@ class MedblipDiagnosis(evaluate.Metric):
             if set(references.tolist()) == set(labels):
                 result["auroc"] = float(skm.roc_auc_score(references, scores, multi_class="ovr", labels=labels))
             result["ece"] = expected_calibration_error(scores, references, ece_bins)
+            true_class = np.clip(scores[np.arange(len(references)), references], np.finfo(np.float64).eps, None)
+            result["nll"] = float(-np.log(true_class).mean())
         return result
