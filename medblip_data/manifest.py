@@ -19,9 +19,12 @@ apoe4         no        number of APOE e4 alleles, 0/1/2
 notes         no        free text appended to the health record
 ============  ========  ===============================================================================
 
-Other columns (e.g. the synthetic cohort's ``ventricles_ml``) are kept. ``load_corpus`` normalizes
-``diagnosis`` to CN/MCI/AD through ``DIAGNOSIS_TABLE`` (the raw label is kept in ``diagnosis_raw``) and splits
-by subject: a person's scans never land in two splits, and whole cohorts can be held out as ``zeroshot``.
+Other columns (e.g. the synthetic cohort's ``ventricles_ml``) are kept. Each image file appears once (compared
+after resolving the path): a repeated file is a duplicate row, a scan under two diagnoses, or one scan under two
+subject ids, and is refused with a ``ManifestError`` naming the rows. ``load_corpus`` normalizes ``diagnosis`` to
+CN/MCI/AD through ``DIAGNOSIS_TABLE`` (the raw label is kept in ``diagnosis_raw``) and splits by subject, a subject
+being the pair (``dataset``, ``subject_id``): a person's scans never land in two splits, no image file lands in two
+splits, and whole cohorts can be held out as ``zeroshot``.
 """
 
 from __future__ import annotations
@@ -87,6 +90,33 @@ def _coerce(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
     return frame
 
 
+def _repeated_image(path: str, part: pd.DataFrame, rows: str) -> str:
+    """What is wrong with several rows (`part`) listing one image file."""
+    subjects = sorted(set(zip(part["dataset"], part["subject_id"])))
+    if len(subjects) > 1:
+        return f"image {path} under {len(subjects)} subject ids {subjects} (rows {rows}): one scan, one person"
+    diagnoses = sorted(set(map(str, part["diagnosis"])))
+    if len(diagnoses) > 1:
+        return f"image {path} under {len(diagnoses)} diagnoses {diagnoses} (rows {rows})"
+    differing = [c for c in part.columns if not c.startswith("_") and part[c].astype(str).nunique() > 1]
+    if not differing:
+        return f"duplicate rows {rows} (image {path})"
+    return f"image {path} listed twice with different {differing} (rows {rows})"
+
+
+def refuse_repeated_images(frame: pd.DataFrame, rows: Sequence[str], where: str) -> None:
+    """Raise ``ManifestError`` if an image file (compared after resolving the path) is in two rows; `rows` names
+    each row of `frame` in the message."""
+    by_image: dict[str, list[int]] = defaultdict(list)
+    for i, image in enumerate(frame["image_path"]):
+        by_image[str(Path(image).resolve())].append(i)
+    problems = [_repeated_image(image, frame.iloc[idx], ", ".join(rows[i] for i in idx))
+                for image, idx in by_image.items() if len(idx) > 1]
+    if problems:
+        raise ManifestError(f"{where}: {len(problems)} image file(s) listed more than once: "
+                            + "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else ""))
+
+
 def read_manifest(path: str | Path) -> pd.DataFrame:
     """Read and validate one manifest (CSV, or JSONL for ``.jsonl``/``.json``/``.ndjson``).
 
@@ -95,8 +125,9 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     manifest's folder). The raw ``diagnosis`` is not normalized here.
 
     Raises:
-        ManifestError: file missing or unparsable, a required column absent, or empty values in a required
-            column (the message names the file, the column and the first rows, counted from 2 = first data row).
+        ManifestError: file missing or unparsable, a required column absent, empty values in a required
+            column (the message names the file, the column and the first rows, counted from 2 = first data row),
+            or an image file in two rows (duplicate rows, two diagnoses or two subject ids for one scan).
     """
     path = Path(path).resolve()
     frame = _read_table(path)
@@ -114,25 +145,30 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     frame = _coerce(frame.astype(object), path)
     frame["image_path"] = [str(p) if Path(p).is_absolute() else str((path.parent / p).resolve())
                            for p in frame["image_path"]]
+    refuse_repeated_images(frame, [str(i + 2) for i in range(len(frame))], str(path))
     return frame
 
 
 # ---------------------------------------------------------------------------- splitting
 
 
-def subject_key(dataset: str, subject_id: str) -> str:
-    """Identity used for splitting: subject ids are unique only within a dataset."""
-    return f"{dataset}/{subject_id}"
+def subject_key(dataset: str, subject_id: str) -> tuple[str, str]:
+    """Identity used for splitting: subject ids are unique only within a dataset. A pair, never a joined string
+    (``a/b`` + ``c`` and ``a`` + ``b/c`` are two people)."""
+    return (dataset, subject_id)
 
 
 def _subject_labels(frame: pd.DataFrame) -> pd.Series:
     """One label per subject for stratification: the most severe class among the subject's scans."""
     order = {c: i for i, c in enumerate(DIAGNOSIS_LABELS)}
     rank = frame["diagnosis"].map(order)
-    return rank.groupby(frame["_subject"]).max().map(dict(enumerate(DIAGNOSIS_LABELS)))
+    worst = rank.groupby([frame["dataset"], frame["subject_id"]]).max()
+    return pd.Series([DIAGNOSIS_LABELS[r] for r in worst], index=[subject_key(*key) for key in worst.index],
+                     dtype=object)
 
 
-def assign_splits(frame: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int) -> dict[str, str]:
+def assign_splits(frame: pd.DataFrame, val_fraction: float, test_fraction: float,
+                  seed: int) -> dict[tuple[str, str], str]:
     """Subject key -> split, stratified by (dataset, subject label).
 
     Within each stratum subjects are shuffled with ``np.random.default_rng(seed)`` and placed by systematic
@@ -143,13 +179,12 @@ def assign_splits(frame: pd.DataFrame, val_fraction: float, test_fraction: float
                          f"{val_fraction}, {test_fraction}")
     rng = np.random.default_rng(seed)
     labels = _subject_labels(frame)
-    datasets = frame.groupby("_subject")["dataset"].first()
-    strata: dict[tuple[str, str], list[str]] = defaultdict(list)
+    strata: dict[tuple[str, str], list[tuple[str, str]]] = defaultdict(list)
     for key in sorted(labels.index):
-        strata[(datasets[key], labels[key])].append(key)
-    assignment: dict[str, str] = {}
+        strata[(key[0], labels[key])].append(key)
+    assignment: dict[tuple[str, str], str] = {}
     for stratum in sorted(strata):
-        keys = list(rng.permutation(strata[stratum]))
+        keys = [strata[stratum][i] for i in rng.permutation(len(strata[stratum]))]
         offset = rng.random()
         for i, key in enumerate(keys):
             u = (i + offset) / len(keys)
@@ -172,13 +207,20 @@ def split_report(dataset_dict: Any) -> pd.DataFrame:
 
 
 def check_subject_disjoint(dataset_dict: Any) -> None:
-    """Raise ``ValueError`` if any subject (dataset/subject_id) has scans in two splits, naming it."""
-    seen: dict[str, str] = {}
+    """Raise ``ValueError`` if any subject (dataset, subject_id) has scans in two splits, or one image file (after
+    resolving its path) is in two splits, naming it."""
+    seen: dict[tuple[str, str], str] = {}
+    seen_images: dict[str, str] = {}
     for split, ds in dataset_dict.items():
         for key in {subject_key(d, s) for d, s in zip(ds["dataset"], ds["subject_id"])}:
             if key in seen:
-                raise ValueError(f"subject leak: {key!r} has scans in both {seen[key]!r} and {split!r}")
+                raise ValueError(f"subject leak: dataset {key[0]!r}, subject {key[1]!r} has scans in both "
+                                 f"{seen[key]!r} and {split!r}")
             seen[key] = split
+        for image in {str(Path(p).resolve()) for p in ds["image_path"]}:
+            if image in seen_images:
+                raise ValueError(f"image leak: {image} is in both {seen_images[image]!r} and {split!r}")
+            seen_images[image] = split
 
 
 def _normalize_labels(frame: pd.DataFrame) -> pd.DataFrame:
@@ -197,7 +239,7 @@ def _normalize_labels(frame: pd.DataFrame) -> pd.DataFrame:
 def _to_dataset(frame: pd.DataFrame) -> Any:
     import datasets
 
-    records = frame.drop(columns=["_subject", "_manifest"]).to_dict(orient="list")
+    records = frame.drop(columns=["_subject", "_manifest", "_row"]).to_dict(orient="list")
     for column in NUMERIC_COLUMNS:
         records[column] = [None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
                            for v in records[column]]
@@ -227,7 +269,8 @@ def load_corpus(manifests: Sequence[str | Path] | str | Path, holdout_datasets: 
     and any extra columns. The split report (``split_report``) is logged and stored as ``.split_report``.
 
     Raises:
-        ManifestError: a manifest is malformed or has an unknown diagnosis label.
+        ManifestError: a manifest is malformed or has an unknown diagnosis label, or an image file is listed
+            twice (within or across manifests).
         ValueError: a held-out dataset is absent, fractions are invalid, or a subject leaks (never expected).
     """
     import datasets
@@ -239,8 +282,11 @@ def load_corpus(manifests: Sequence[str | Path] | str | Path, holdout_datasets: 
     for path in paths:
         frame = read_manifest(path)
         frame["_manifest"] = str(Path(path).resolve())
+        frame["_row"] = [f"{Path(path).name}:{i + 2}" for i in range(len(frame))]
         frames.append(frame)
-    frame = _normalize_labels(pd.concat(frames, ignore_index=True))
+    frame = pd.concat(frames, ignore_index=True)
+    refuse_repeated_images(frame, list(frame["_row"]), f"manifests {[str(p) for p in paths]}")
+    frame = _normalize_labels(frame)
     frame["_subject"] = [subject_key(d, s) for d, s in zip(frame["dataset"], frame["subject_id"])]
     holdout = set(holdout_datasets)
     unknown = sorted(holdout - set(frame["dataset"]))
@@ -249,7 +295,8 @@ def load_corpus(manifests: Sequence[str | Path] | str | Path, holdout_datasets: 
                          f"{sorted(set(frame['dataset']))}")
     is_holdout = frame["dataset"].isin(holdout)
     assignment = assign_splits(frame[~is_holdout], val_fraction, test_fraction, seed)
-    split_of = frame["_subject"].map(assignment).where(~is_holdout, "zeroshot")
+    split_of = pd.Series(["zeroshot" if held else assignment[key] for key, held in zip(frame["_subject"], is_holdout)],
+                         index=frame.index)
     full = _to_dataset(frame)
     names = SPLITS + (("zeroshot",) if holdout else ())
     corpus = datasets.DatasetDict({name: full.select(np.flatnonzero((split_of == name).to_numpy()))

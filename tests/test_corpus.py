@@ -1,13 +1,16 @@
 """Manifests, subject-level splits, label tables, cohort adapters and reference baselines."""
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import REPO_ROOT
+from datasets import DatasetDict
 
 from medblip_data import (
     ManifestError,
@@ -120,7 +123,79 @@ def test_check_subject_disjoint_names_leak(tmp_path):
     corpus = load_corpus([write_manifest(tmp_path / "m.csv")])
     leaked = corpus["test"][0]
     corpus["train"] = corpus["train"].add_item(leaked)
-    with pytest.raises(ValueError, match=f"{leaked['dataset']}/{leaked['subject_id']}"):
+    message = (f"subject leak: dataset '{leaked['dataset']}', subject '{leaked['subject_id']}' has scans in both "
+               "'train' and 'test'")
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        check_subject_disjoint(corpus)
+
+
+def manifest_rows(rows: list[dict], path) -> str:
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def row(subject, image, diagnosis="CN", dataset="D", **extra) -> dict:
+    return {"subject_id": subject, "image_path": image, "diagnosis": diagnosis, "dataset": dataset, **extra}
+
+
+def test_exact_duplicate_rows_are_refused(tmp_path):
+    rows = [row("s1", "a.nii", age=70), row("s2", "b.nii"), row("s1", "a.nii", age=70)]
+    path, image = manifest_rows(rows, tmp_path / "m.csv"), (tmp_path / "a.nii").resolve()
+    with pytest.raises(ManifestError, match=re.escape(
+            f"{path}: 1 image file(s) listed more than once: duplicate rows 2, 4 (image {image})")):
+        read_manifest(path)
+
+
+def test_same_image_under_two_diagnoses_is_refused(tmp_path):
+    path = manifest_rows([row("s1", "a.nii", "CN"), row("s1", "a.nii", "AD")], tmp_path / "m.csv")
+    with pytest.raises(ManifestError, match=re.escape(
+            f"image {(tmp_path / 'a.nii').resolve()} under 2 diagnoses ['AD', 'CN'] (rows 2, 3)")):
+        read_manifest(path)
+
+
+def test_same_image_under_two_subject_ids_is_refused(tmp_path):
+    """The same file under two subjects would let one scan sit in train and test and pass the subject check;
+    spellings of one file (`x/../a.nii`, a symlink) are the same file."""
+    (tmp_path / "x").mkdir()
+    (tmp_path / "a.nii").write_bytes(b"")
+    (tmp_path / "link.nii").symlink_to(tmp_path / "a.nii")
+    path, image = manifest_rows([row("s1", "a.nii"), row("s2", "x/../a.nii")], tmp_path / "m.csv"), tmp_path / "a.nii"
+    with pytest.raises(ManifestError, match=re.escape(
+            f"image {image.resolve()} under 2 subject ids [('D', 's1'), ('D', 's2')] (rows 2, 3): "
+            "one scan, one person")):
+        read_manifest(path)
+    # across manifests, through a symlink: rows are named by file and row
+    first = manifest_rows([row("s1", "a.nii"), row("s3", "c.nii")], tmp_path / "first.csv")
+    second = manifest_rows([row("s2", str(tmp_path / "link.nii"), dataset="E")], tmp_path / "second.csv")
+    with pytest.raises(ManifestError, match=re.escape(
+            f"image {image.resolve()} under 2 subject ids [('D', 's1'), ('E', 's2')] "
+            "(rows first.csv:2, second.csv:2)")):
+        load_corpus([first, second])
+
+
+def test_subject_keys_that_collide_when_joined_are_two_people(tmp_path):
+    """`a/b` + `c` and `a` + `b/c` joined with '/' are both 'a/b/c': keys are pairs, so these are two subjects."""
+    from medblip_data.manifest import subject_key
+
+    assert subject_key("a/b", "c") != subject_key("a", "b/c")
+    rows = [row("c", f"x{i}.nii", dataset="a/b", visit=f"v{i}") for i in range(2)]
+    rows += [row("b/c", f"y{i}.nii", dataset="a", visit=f"v{i}") for i in range(2)]
+    corpus = load_corpus([manifest_rows(rows, tmp_path / "m.csv")], val_fraction=0.0, test_fraction=0.0)
+    assert corpus.split_report.query("split == 'train' and `class` == 'all'")["subjects"].item() == 2
+    # the two people in two splits is no leak
+    two_splits = DatasetDict({"train": corpus["train"].filter(lambda r: r["dataset"] == "a/b"),
+                              "test": corpus["train"].filter(lambda r: r["dataset"] == "a")})
+    check_subject_disjoint(two_splits)
+
+
+def test_leak_check_compares_resolved_image_paths(tmp_path):
+    corpus = load_corpus([write_manifest(tmp_path / "m.csv")])
+    moved = corpus["test"][0]
+    image = Path(moved["image_path"])
+    # the test scan again, under another subject and spelled through '..', in train
+    spelled = str(image.parent / ".." / image.parent.name / image.name)
+    corpus["train"] = corpus["train"].add_item({**moved, "subject_id": "someone-else", "image_path": spelled})
+    with pytest.raises(ValueError, match=re.escape(f"image leak: {image} is in both 'train' and 'test'")):
         check_subject_disjoint(corpus)
 
 
