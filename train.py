@@ -29,7 +29,7 @@ from configuration_medblip import PRESETS, MedBlipConfig
 from convert_medblip import build_gpt2_tokenizer, bundled_minilm, from_blip2_pretrained, init_qformer_from_bert
 from image_processing_medblip import MedBlipImageProcessor
 from medblip_data.augment import VolumeAugmentation
-from medblip_data.cache import build_cache
+from medblip_data.cache import build_cache, cache_folder_of, read_bad_scans
 from medblip_data.collate import make_collate
 from medblip_data.manifest import load_corpus, read_manifest
 from medblip_eval import (
@@ -42,7 +42,8 @@ from medblip_eval import (
     write_evaluation,
     write_model_card,
 )
-from medblip_train.checkpoints import TrainState, keep_trainable_weights, resume, save_checkpoint
+from medblip_train.checkpoints import Checkpoints, TrainState, refuse_used_output_dir
+from medblip_train.run_config import run_configuration
 from modeling_medblip import MedBlipForConditionalGeneration
 from pipeline_medblip import save_medblip_for_hub
 from processing_medblip import MedBlipProcessor
@@ -141,7 +142,12 @@ class TrainArguments:
     )
     save_every: int = field(default=200, metadata={"help": "steps between checkpoints (0 = only at the end)"})
     keep_last: int = field(default=2, metadata={"help": "checkpoints kept"})
-    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder"})
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "'latest' or a checkpoint folder; the model and data settings must not change"}
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "a fresh run deletes the checkpoints already in --output_dir (else refused)"}
+    )
     report_to: str = field(default="tensorboard", metadata={"help": "Accelerate tracker ('tensorboard' or 'none')"})
     eval_batch_size: int = field(default=32, metadata={"help": "volumes per evaluation batch"})
     eval_splits: list[str] = field(
@@ -168,6 +174,8 @@ def parse_arguments(argv: list[str] | None = None):
         raise ValueError(f"--mixed_precision must be no, bf16 or fp16, got {train_args.mixed_precision!r}")
     if train_args.eval_only and not (train_args.model_name_or_path and data_args.eval_manifest):
         raise ValueError("--eval_only needs --model_name_or_path and --eval_manifest")
+    if train_args.overwrite_output_dir and train_args.resume_from_checkpoint:
+        raise ValueError("--overwrite_output_dir deletes the checkpoints --resume_from_checkpoint continues: pick one")
     if train_args.push_to_hub and not train_args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id")
     return model_args, data_args, train_args
@@ -338,9 +346,12 @@ def run_eval_only(data_args: DataArguments, train_args: TrainArguments, model_ar
     results, predictions = evaluate_dataset(model, processor, dataset, model_args.record_fields,
                                             train_args.eval_batch_size, train_args.max_new_tokens,
                                             accelerator.device, load_metric())
+    dropped = read_bad_scans(cache_folder_of(dataset))  # unreadable scans: not evaluated, but reported
+    for scan in dropped:
+        logger.warning("not evaluated: %s (%s)", scan["image_path"], scan["reason"])
     out = Path(train_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval_results.json").write_text(json.dumps(results, indent=2))
+    (out / "eval_results.json").write_text(json.dumps({**results, "dropped_scans": dropped}, indent=2))
     write_evaluation(results, predictions, class_labels(model.config), Path(data_args.eval_manifest).name,
                      out / "confusion_matrices.png", out / "predictions.jsonl" if train_args.log_predictions else None)
     logger.info("wrote %s", out / "eval_results.json")
@@ -362,7 +373,7 @@ def log_step(state, output, scheduler, optimizer, train_args, accelerator, progr
 
 
 def train_loop(model, optimizer, scheduler, train_loader, state, best_weights, validate, accelerator, train_args,
-               logits_to_keep: int) -> dict | None:
+               logits_to_keep: int, checkpoints: Checkpoints) -> dict | None:
     """Optimizer steps until `--max_steps`, with logging, validation and checkpoints; returns the best weights."""
     unwrapped = accelerator.unwrap_model(model)
     progress = tqdm(total=train_args.max_steps, initial=state.step, disable=not accelerator.is_main_process,
@@ -400,12 +411,12 @@ def train_loop(model, optimizer, scheduler, train_loader, state, best_weights, v
                 accelerator.log({"val_balanced_accuracy": score}, step=state.step)
                 logger.info("step %d validation balanced accuracy (likelihood, image+text) %.3f", state.step, score)
             if train_args.save_every and state.step % train_args.save_every == 0:
-                save_checkpoint(accelerator, train_args.output_dir, state.step, train_args.keep_last, best_weights)
+                checkpoints.save(best_weights)
             if state.step >= train_args.max_steps:
                 break
     progress.close()
     if not train_args.save_every or state.step % train_args.save_every:
-        save_checkpoint(accelerator, train_args.output_dir, state.step, train_args.keep_last, best_weights)
+        checkpoints.save(best_weights)
     return best_weights
 
 
@@ -443,11 +454,14 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info("resolved configuration:\n%s", json.dumps(snapshot, indent=2))
     if train_args.eval_only:
         return run_eval_only(data_args, train_args, model_args, accelerator)
+    refuse_used_output_dir(train_args.output_dir, train_args.resume_from_checkpoint,
+                           train_args.overwrite_output_dir, accelerator)
 
     # model, data, optimizer
     set_seed(train_args.seed)
     model, processor = build_model(model_args)
     snapshot["data"]["manifests"], corpus, cached = build_data(data_args, processor.image_processor, accelerator)
+    run_config = run_configuration(snapshot, model, processor, cached, accelerator.num_processes)  # before sharding
     train_loader = training_loader(cached["train"], processor, model_args, train_args)
     optimizer = build_optimizer(optimizer_groups(
         model, train_args.weight_decay, train_args.learning_rate, train_args.image_path_learning_rate))
@@ -455,11 +469,9 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer, int(train_args.warmup_ratio * train_args.max_steps), train_args.max_steps)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     state = TrainState()
-    accelerator.register_for_checkpointing(scheduler, state)
-    accelerator.register_save_state_pre_hook(keep_trainable_weights)
-    best_weights = None
-    if train_args.resume_from_checkpoint:
-        best_weights = resume(accelerator, train_args.output_dir, train_args.resume_from_checkpoint, state)
+    checkpoints = Checkpoints(accelerator, model, optimizer, scheduler, state, run_config, train_args.output_dir,
+                              train_args.keep_last)
+    best_weights = checkpoints.resume(train_args.resume_from_checkpoint) if train_args.resume_from_checkpoint else None
     if accelerator.is_main_process and train_args.report_to != "none":
         accelerator.init_trackers("medblip", config={k: str(v) for k, v in snapshot["train"].items()})
 
@@ -471,7 +483,7 @@ def main(argv: list[str] | None = None) -> dict:
     logits_to_keep = int(processor.candidate_inputs(class_labels(unwrapped.config))["candidate_attention_mask"]
                          .sum(-1).max()) + 1
     best_weights = train_loop(model, optimizer, scheduler, train_loader, state, best_weights, validate, accelerator,
-                              train_args, logits_to_keep)
+                              train_args, logits_to_keep, checkpoints)
 
     # final evaluation and Hub folder
     accelerator.wait_for_everyone()

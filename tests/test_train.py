@@ -1,7 +1,9 @@
 """train.py end to end on the tiny preset and a tiny synthetic cohort: outputs, metrics, resume, DDP, reloading."""
 
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -16,7 +18,8 @@ from sklearn import metrics as skm
 
 import train
 from medblip_data.collate import make_collate
-from medblip_train.checkpoints import BEST_WEIGHTS_FILE
+from medblip_data.manifest import read_manifest
+from medblip_train.checkpoints import BEST_WEIGHTS_FILE, STATE_FILE, CheckpointError
 
 
 LABELS = ["CN", "MCI", "AD"]
@@ -117,7 +120,8 @@ def test_resume_reproduces_the_uninterrupted_loss_sequence(trained, cohort, tmp_
     history = {h["step"]: h["loss"] for h in train_history(output)}
     resumed_output = tmp_path / "resumed"
     train.main(tiny_args(cohort, tmp_path, resumed_output, "--resume_from_checkpoint",
-                         str(output / "checkpoints" / "checkpoint-0000003"), "--eval_splits", "zeroshot"))
+                         str(output / "checkpoints" / "checkpoint-0000003"), "--eval_splits", "zeroshot",
+                         "--keep_last", "3", "--max_new_tokens", "3"))  # settings that may change on resume
     resumed = {h["step"]: h["loss"] for h in train_history(resumed_output)}
     assert uninterrupted["train"]["max_steps"] == 6
     assert [resumed[s] for s in (4, 5, 6)] == [history[s] for s in (4, 5, 6)]  # exact, on CPU
@@ -134,16 +138,46 @@ def test_resume_reproduces_the_uninterrupted_loss_sequence(trained, cohort, tmp_
 
 
 def train_history(output: Path) -> list[dict]:
-    """The logged training steps, read back from the TensorBoard-free JSON log of the last checkpoint."""
-    import torch
-
+    """The logged training steps, read back from the JSON train state of the last checkpoint."""
     checkpoint = sorted((output / "checkpoints").glob("checkpoint-*"))[-1]
-    state_files = sorted(checkpoint.glob("custom_checkpoint_*.pkl"))
-    for path in state_files:
-        state = torch.load(path, weights_only=True)
-        if isinstance(state, dict) and "history" in state:
-            return [h for h in json.loads(state["history"]) if "loss" in h]
-    raise AssertionError(f"no training state in {checkpoint}")
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    return [h for h in state["history"] if "loss" in h]
+
+
+def test_fresh_run_in_a_used_output_dir_exits_non_zero_and_names_it(trained, cohort, tmp_path):
+    output, _ = trained
+    before = sorted(p.name for p in (output / "checkpoints").iterdir())
+    command = [sys.executable, str(REPO_ROOT / "train.py"), *tiny_args(cohort, tmp_path, output)]
+    result = subprocess.run(command, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1
+    assert (f"FileExistsError: output folder {output} already holds checkpoints of an earlier run "
+            "(checkpoint-0000003, checkpoint-0000006): continue it with --resume_from_checkpoint latest, choose "
+            "another --output_dir, or pass --overwrite_output_dir to delete them and start again") in result.stderr
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == before
+
+
+def test_resume_refuses_a_changed_seed_learning_rate_or_record_fields(trained, cohort, tmp_path):
+    """--seed rebuilds other frozen weights, a new learning rate would be logged but not used (the restored
+    optimizer keeps its rates), other record fields change the data: all refused, listed; safe changes are not."""
+    output, _ = trained
+    shutil.copytree(output / "checkpoints", tmp_path / "out" / "checkpoints")
+    argv = tiny_args(cohort, output.parent, tmp_path / "out", "--seed", "1", "--learning_rate", "5e-4",
+                     "--record_fields", "age", "sex", "--max_steps", "8", "--log_every", "2",
+                     "--resume_from_checkpoint", "latest")
+    with pytest.raises(CheckpointError) as refused:
+        train.main(argv)
+    message = str(refused.value)
+    assert message.startswith(f"checkpoint {tmp_path / 'out' / 'checkpoints' / 'checkpoint-0000006'} was written "
+                              "by a different run; these settings change the model or the data")
+    differences = [line.strip() for line in message.splitlines()[1:-1]]
+    assert [line.split(":")[0] for line in differences] == [
+        "frozen_weights_sha256", "model.record_fields", "train.learning_rate", "train.seed"]
+    assert differences[1:] == [
+        "model.record_fields: ['age', 'sex', 'education', 'mmse', 'apoe4'] in the checkpoint, ['age', 'sex'] now",
+        "train.learning_rate: 0.001 in the checkpoint, 0.0005 now", "train.seed: 0 in the checkpoint, 1 now"]
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == [
+        "checkpoint-0000003", "checkpoint-0000006"]
 
 
 def test_saved_folder_loads_in_a_fresh_process(trained, tmp_path):
@@ -168,15 +202,24 @@ def test_saved_folder_loads_in_a_fresh_process(trained, tmp_path):
     assert "LOADED OK" in result.stdout, result.stderr[-3000:]
 
 
-def test_eval_only_on_a_manifest(trained, cohort, tmp_path):
+def test_eval_only_on_a_manifest_records_and_prints_dropped_scans(trained, cohort, tmp_path, caplog):
     output, _ = trained
-    out = tmp_path / "eval"
-    results = train.main([
-        "--eval_only", "--model_name_or_path", str(output), "--eval_manifest", str(cohort / "manifest.csv"),
-        "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache"), "--num_proc", "1", "--report_to", "none",
-        "--max_new_tokens", "3",
-    ])
+    out, manifest = tmp_path / "eval", read_manifest(cohort / "manifest.csv")
+    truncated = tmp_path / "truncated.nii.gz"  # a real scan of the cohort, cut in half
+    raw = Path(manifest["image_path"][0]).read_bytes()
+    truncated.write_bytes(raw[: len(raw) // 2])
+    manifest.loc[len(manifest)] = {**manifest.iloc[0].to_dict(), "subject_id": "cut", "image_path": str(truncated)}
+    manifest.to_csv(tmp_path / "eval.csv", index=False)
+    with caplog.at_level(logging.WARNING):
+        results = train.main([
+            "--eval_only", "--model_name_or_path", str(output), "--eval_manifest", str(tmp_path / "eval.csv"),
+            "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache"), "--num_proc", "1", "--report_to",
+            "none", "--max_new_tokens", "3",
+        ])
     saved = json.loads((out / "eval_results.json").read_text())
+    [dropped] = saved["dropped_scans"]
+    assert (dropped["image_path"], dropped["subject_id"]) == (str(truncated), "cut") and dropped["reason"]
+    assert f"not evaluated: {truncated} ({dropped['reason']})" in caplog.text
     assert saved["likelihood"]["image_text"]["all"]["n"] == 18
     assert results["generate"]["text_only"]["all"]["n"] == 18
     assert (out / "confusion_matrices.png").stat().st_size > 1000
