@@ -141,7 +141,7 @@ class TrainArguments:
         default=True, metadata={"help": "end with the weights of the best validation step (likelihood, image+text)"}
     )
     save_every: int = field(default=200, metadata={"help": "steps between checkpoints (0 = only at the end)"})
-    keep_last: int = field(default=2, metadata={"help": "checkpoints kept"})
+    keep_last: int = field(default=2, metadata={"help": "checkpoints of this run kept (0 = all)"})
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "'latest' or a checkpoint folder; the model and data settings must not change"}
     )

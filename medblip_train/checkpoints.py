@@ -170,6 +170,14 @@ def prune_checkpoints(output_dir: str, run_id: str, keep_last: int) -> None:
         shutil.rmtree(old)
 
 
+def parameter_name(name: str) -> str:
+    """A parameter's name as `torch.distributed.checkpoint` writes it: without the wrappers FSDP (v1), activation
+    checkpointing and `torch.compile` insert."""
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(wrapper, "")
+    return name
+
+
 class Checkpoints:
     """This run's checkpoints: `save()` every `--save_every` steps, `resume()` once at the start.
 
@@ -182,8 +190,8 @@ class Checkpoints:
         self.accelerator, self.model, self.scheduler, self.state = accelerator, model, scheduler, state
         self.optimizer = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside Accelerate's
         self.run_config, self.output_dir, self.keep_last = run_config, output_dir, keep_last
-        unwrapped = accelerator.unwrap_model(model)
-        self.trainable = {name for name, parameter in unwrapped.named_parameters() if parameter.requires_grad}
+        self.trainable = {parameter_name(name) for name, parameter in accelerator.unwrap_model(model).named_parameters()
+                          if parameter.requires_grad}
 
     def _trainer_state(self) -> dict:
         scaler = self.accelerator.scaler

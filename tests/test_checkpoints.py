@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 from accelerate import Accelerator
+from safetensors.torch import load_file
 from transformers import get_cosine_schedule_with_warmup
 
 from medblip_train.checkpoints import (
@@ -28,11 +29,11 @@ ACCELERATE_FILE_NAMES = ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "
                          "pytorch_model.bin", "dl_state_dict.bin")
 
 
-def small_run(output_dir, run_id="run-a", keep_last=5) -> Checkpoints:
+def small_run(output_dir, run_id="run-a", keep_last=5, wrap=lambda layer: layer) -> Checkpoints:
     """A frozen layer, dropout (so the RNG matters), AdamW and a cosine schedule, prepared by Accelerate."""
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 2))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.5), wrap(torch.nn.Linear(8, 2)))
     model[0].weight.requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     scheduler = get_cosine_schedule_with_warmup(optimizer, 1, 10)
@@ -82,6 +83,21 @@ def test_resume_restores_weights_optimizer_scheduler_and_rng_exactly(tmp_path):
     assert resumed.scheduler.state_dict() == saved_scheduler
     assert train_steps(resumed, 3) == expected_losses  # dropout masks and AdamW moments: bit for bit
     assert all(torch.equal(a, b) for a, b in zip(parameters(resumed), expected))
+
+
+def test_wrapped_layers_are_saved_under_their_plain_names(tmp_path):
+    """Activation-checkpointing (and FSDP v1) wrappers rename parameters; checkpoints use the plain names."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    run = small_run(tmp_path / "out", wrap=checkpoint_wrapper)
+    assert "2._checkpoint_wrapped_module.weight" in dict(run.model.named_parameters())
+    train_steps(run, 1, save=True)
+    checkpoint = checkpoint_folders(tmp_path / "out")[0]
+    assert sorted(load_file(checkpoint / "model.safetensors")) == ["0.bias", "2.bias", "2.weight"]
+    expected_losses = train_steps(run, 2)
+    resumed = small_run(tmp_path / "out")  # the same model, unwrapped
+    resumed.resume("latest")
+    assert train_steps(resumed, 2) == expected_losses
 
 
 def test_planted_pickles_in_a_checkpoint_never_run(tmp_path, caplog):
