@@ -29,12 +29,13 @@ from configuration_medblip import PRESETS, MedBlipConfig
 from convert_medblip import build_gpt2_tokenizer, bundled_minilm, from_blip2_pretrained, init_qformer_from_bert
 from image_processing_medblip import MedBlipImageProcessor
 from medblip_data.augment import VolumeAugmentation
-from medblip_data.cache import build_cache, cache_folder_of, read_bad_scans
+from medblip_data.cache import build_cache
 from medblip_data.collate import make_collate
 from medblip_data.manifest import load_corpus, read_manifest
 from medblip_eval import (
     MODES,
     class_labels,
+    dropped_scans,
     evaluate_dataset,
     load_metric,
     plot_learning_curves,
@@ -142,12 +143,8 @@ class TrainArguments:
     )
     save_every: int = field(default=200, metadata={"help": "steps between checkpoints (0 = only at the end)"})
     keep_last: int = field(default=2, metadata={"help": "checkpoints of this run kept (0 = all)"})
-    resume_from_checkpoint: str | None = field(
-        default=None, metadata={"help": "'latest' or a checkpoint folder; the model and data settings must not change"}
-    )
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "a fresh run deletes the checkpoints already in --output_dir (else refused)"}
-    )
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "delete --output_dir's checkpoints first"})
     report_to: str = field(default="tensorboard", metadata={"help": "Accelerate tracker ('tensorboard' or 'none')"})
     eval_batch_size: int = field(default=32, metadata={"help": "volumes per evaluation batch"})
     eval_splits: list[str] = field(
@@ -174,8 +171,6 @@ def parse_arguments(argv: list[str] | None = None):
         raise ValueError(f"--mixed_precision must be no, bf16 or fp16, got {train_args.mixed_precision!r}")
     if train_args.eval_only and not (train_args.model_name_or_path and data_args.eval_manifest):
         raise ValueError("--eval_only needs --model_name_or_path and --eval_manifest")
-    if train_args.overwrite_output_dir and train_args.resume_from_checkpoint:
-        raise ValueError("--overwrite_output_dir deletes the checkpoints --resume_from_checkpoint continues: pick one")
     if train_args.push_to_hub and not train_args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id")
     return model_args, data_args, train_args
@@ -346,12 +341,9 @@ def run_eval_only(data_args: DataArguments, train_args: TrainArguments, model_ar
     results, predictions = evaluate_dataset(model, processor, dataset, model_args.record_fields,
                                             train_args.eval_batch_size, train_args.max_new_tokens,
                                             accelerator.device, load_metric())
-    dropped = read_bad_scans(cache_folder_of(dataset))  # unreadable scans: not evaluated, but reported
-    for scan in dropped:
-        logger.warning("not evaluated: %s (%s)", scan["image_path"], scan["reason"])
     out = Path(train_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval_results.json").write_text(json.dumps({**results, "dropped_scans": dropped}, indent=2))
+    (out / "eval_results.json").write_text(json.dumps({**results, "dropped_scans": dropped_scans(dataset)}, indent=2))
     write_evaluation(results, predictions, class_labels(model.config), Path(data_args.eval_manifest).name,
                      out / "confusion_matrices.png", out / "predictions.jsonl" if train_args.log_predictions else None)
     logger.info("wrote %s", out / "eval_results.json")

@@ -3,7 +3,16 @@
     from medblip_eval import evaluate_dataset, load_metric, write_evaluation
 """
 
-from .predict import DECODERS, MODES, class_labels, evaluate_dataset, load_metric, predict, reference_baselines
+from .predict import (
+    DECODERS,
+    MODES,
+    class_labels,
+    dropped_scans,
+    evaluate_dataset,
+    load_metric,
+    predict,
+    reference_baselines,
+)
 from .report import plot_confusion_matrices, plot_learning_curves, write_evaluation, write_model_card
 
 
@@ -11,6 +20,7 @@ __all__ = [
     "DECODERS",
     "MODES",
     "class_labels",
+    "dropped_scans",
     "evaluate_dataset",
     "load_metric",
     "plot_confusion_matrices",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import evaluate
@@ -10,12 +11,25 @@ import torch
 
 from labels_medblip import normalize_diagnosis
 from medblip_data.baselines import reference_baselines as baselines_of
+from medblip_data.cache import cache_folder_of, read_bad_scans
 from medblip_data.collate import INPUT_MODES, make_collate
 
 
 MODES = INPUT_MODES
 DECODERS = ("likelihood", "generate")
 METRIC_PATH = Path(__file__).resolve().parents[1] / "metrics" / "medblip_diagnosis"
+
+
+logger = logging.getLogger(__name__)
+
+
+def dropped_scans(cached_dataset) -> list[dict]:
+    """The scans the preprocessing cache left out of `cached_dataset` (unreadable, truncated, ...), each as
+    {"image_path", "subject_id", "reason"}, and logged: an evaluation says what it did not evaluate."""
+    dropped = read_bad_scans(cache_folder_of(cached_dataset))
+    for scan in dropped:
+        logger.warning("not evaluated: %s (%s)", scan["image_path"], scan["reason"])
+    return dropped
 
 
 def load_metric():

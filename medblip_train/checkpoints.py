@@ -98,6 +98,8 @@ def checkpoint_folders(output_dir: str | Path) -> list[Path]:
 def refuse_used_output_dir(output_dir: str, resume_from: str | None, overwrite: bool, accelerator: Accelerator) -> None:
     """A fresh run never writes beside another run's checkpoints: it stops, naming the folder, unless `overwrite`
     (then the old checkpoints are deleted first)."""
+    if overwrite and resume_from:
+        raise ValueError("--overwrite_output_dir deletes the checkpoints --resume_from_checkpoint continues: pick one")
     existing = checkpoint_folders(output_dir)
     if resume_from or not existing:
         return

@@ -178,6 +178,9 @@ def test_overwrite_output_dir_deletes_the_old_checkpoints_first(tmp_path):
     refuse_used_output_dir(str(tmp_path / "out"), None, True, run.accelerator)
     assert checkpoint_folders(tmp_path / "out") == [] and not (tmp_path / "out" / "checkpoints").exists()
     assert (tmp_path / "out" / "eval_results.json").exists()  # only checkpoints are deleted
+    with pytest.raises(ValueError, match="^--overwrite_output_dir deletes the checkpoints --resume_from_checkpoint "
+                                         "continues: pick one$"):
+        refuse_used_output_dir(str(tmp_path / "out"), "latest", True, run.accelerator)
 
 
 def test_pruning_only_touches_the_current_runs_checkpoints(tmp_path):
