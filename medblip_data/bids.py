@@ -106,7 +106,9 @@ def dataset_name(root: Path) -> str | None:
         name = json.loads(path.read_text()).get("Name")
     except (json.JSONDecodeError, AttributeError) as err:
         raise ManifestError(f"{path}: not a JSON object ({err})") from err
-    return str(name).strip() or None if name is not None else None
+    if name is None or not str(name).strip():
+        return None
+    return str(name).strip()
 
 
 # ---------------------------------------------------------------------------- images and runs
@@ -268,10 +270,17 @@ def read_clinicadl(tsv: str | Path, root: str | Path | None, report: SourceRepor
     root = Path(root).resolve()
     kind = root_kind(root)
     report.root = str(root)
-    table = pd.read_csv(tsv, sep="\t", dtype=str, keep_default_na=True)
+    try:
+        table = pd.read_csv(tsv, sep="\t", dtype=str, keep_default_na=True)
+    except (ValueError, pd.errors.ParserError) as err:
+        raise ManifestError(f"{tsv}: cannot parse as TSV ({err})") from err
     missing = [c for c in ("participant_id", "session_id") if c not in table.columns]
     if missing:
         raise ManifestError(f"{tsv}: missing column(s) {missing}; found {list(table.columns)}")
+    repeated = table.duplicated(["participant_id", "session_id"], keep=False)
+    if repeated.any():
+        raise ManifestError(f"{tsv}: participant_id/session_id pairs repeat at rows "
+                            f"{(repeated.to_numpy().nonzero()[0] + 2).tolist()[:10]}")
     tables = read_bids_tables(root) if kind == "bids" and (root / "participants.tsv").is_file() else None
     if kind == "bids" and tables is None:
         report.notes.append(f"{root} has no participants.tsv: records come from the TSV alone")

@@ -279,6 +279,9 @@ def test_clinicadl_tsv_with_bids_root(cohort, expected, bids_root, tmp_path):
         read_corpus_source(tmp_path / "labels.tsv", root=bids_root, missing_images="error")
     with pytest.raises(ManifestError, match=r"labels\.tsv: a ClinicaDL TSV needs root="):
         read_corpus_source(tmp_path / "labels.tsv")
+    _tsv(tmp_path / "twice.tsv", rows + rows[:1])
+    with pytest.raises(ManifestError, match=r"twice\.tsv: participant_id/session_id pairs repeat at rows \[2, 14\]"):
+        read_corpus_source(tmp_path / "twice.tsv", root=bids_root)
     assert_same_splits(CorpusSource(tmp_path / "labels.tsv", root=bids_root), cohort, same_paths=False)
 
 
