@@ -720,7 +720,7 @@ def export(manifest: Path, bids_dir: str | None, parquet_dir: str | None) -> Non
     if parquet_dir:
         from medblip_data.hf_datasets import export_parquet
 
-        print(f"Parquet: {export_parquet(manifest, parquet_dir)}")
+        print(f"Parquet: {export_parquet(manifest, parquet_dir)[0].parent}")
 
 
 if __name__ == "__main__":

@@ -15,10 +15,12 @@ mtime) is reused, and the voxels are those of the original file, bit for bit. Th
 ``$MEDBLIP_NIFTI_CACHE``, else ``~/.cache/medblip/nifti``. Rows without a usable image are listed in
 ``report.missing_images`` (or raise with ``missing_images="error"``).
 
-Pushable form: ``export_parquet(manifest, out_dir)`` writes ``out_dir/data/train-00000-of-00001.parquet`` with
-the images embedded as bytes in a ``datasets.Nifti()`` column named ``image``; ``load_dataset("parquet",
-data_dir=out_dir)`` reads it back, and ``datasets.Dataset.from_parquet(path).push_to_hub(repo_id)`` (or uploading
-the folder) publishes it.
+Pushable form: ``export_parquet(manifest, out_dir)`` writes ``out_dir/data/train-00000-of-00001.parquet`` (the
+Hub's layout) with the images embedded as bytes in a ``datasets.Nifti()`` column named ``image``, so the files
+stand alone; ``load_dataset("parquet", data_dir=out_dir)`` reads it back. To publish (not testable offline):
+``huggingface_hub.HfApi().upload_folder(folder_path=out_dir, repo_id=..., repo_type="dataset")``, or
+``load_dataset("parquet", data_dir=out_dir)["train"].push_to_hub(repo_id)``; use subject-disjoint splits
+(``load_corpus``) and one ``export_parquet(..., split=name)`` per split.
 """
 
 from __future__ import annotations
@@ -80,14 +82,14 @@ def open_source(source: Any, fmt: str, split: str | None = None, cache_dir: str 
     elif fmt == "niftifolder":
         loaded = datasets.load_dataset("niftifolder", data_dir=str(source), cache_dir=cache_dir)
     elif fmt == "hub":
-        try:
-            loaded = datasets.load_dataset(str(source), cache_dir=cache_dir)
+        try:  # only the wanted split is downloaded
+            loaded = datasets.load_dataset(str(source), split=split, cache_dir=cache_dir)
         except Exception as err:  # offline, unknown id, no access: say what was tried
             raise ManifestError(f"{source}: not a local path, and loading it as a Hub dataset failed: "
                                 f"{type(err).__name__}: {err}") from err
     else:
         raise ValueError(f"not a datasets format: {fmt!r}")
-    splits = dict(loaded) if isinstance(loaded, Mapping) else {str(loaded.split or "data"): loaded}
+    splits = dict(loaded) if isinstance(loaded, Mapping) else {str(loaded.split or split or "data"): loaded}
     if split is not None:
         if split not in splits:
             raise ManifestError(f"{source}: no split {split!r}; splits: {sorted(splits)}")
@@ -165,6 +167,7 @@ def read_datasets(splits: Mapping[str, Any], where: str, aliases: Mapping[str, S
     folder = Path(materialize_dir) if materialize_dir else default_materialize_dir()
     rows: list[RawRow] = []
     for name, ds in splits.items():
+        ds = ds.with_format(None)  # plain Python values, whatever format the caller set
         report.splits[name] = len(ds)
         image = _image_column(ds, aliases["image_path"], forced_image, where)
         report.columns["image_path"] = [image]
@@ -192,12 +195,14 @@ def read_datasets(splits: Mapping[str, Any], where: str, aliases: Mapping[str, S
 # ---------------------------------------------------------------------------- export
 
 
-def export_parquet(manifest: str | Path | pd.DataFrame, out_dir: str | Path, split: str = "train") -> Path:
-    """Write a manifest as a pushable Parquet dataset with the NIfTI files embedded; returns the file path.
+def export_parquet(manifest: str | Path | pd.DataFrame, out_dir: str | Path, split: str = "train",
+                   num_shards: int = 1) -> list[Path]:
+    """Write a manifest as a pushable Parquet dataset with the NIfTI files embedded; returns the files written.
 
     The table has an ``image`` column (``datasets.Nifti()``, bytes embedded, ``path`` = the file's base name)
     and every manifest column except ``image_path`` (numbers as float64, text as strings), in
-    ``out_dir/data/<split>-00000-of-00001.parquet``, the Hub's layout.
+    ``out_dir/data/<split>-0000i-of-0000n.parquet`` (the Hub's layout). One shard's images are held in memory
+    while it is written: raise ``num_shards`` for a large cohort (the Hub suggests shards of about 500 MB).
     """
     import datasets
     from datasets.table import embed_table_storage
@@ -207,9 +212,13 @@ def export_parquet(manifest: str | Path | pd.DataFrame, out_dir: str | Path, spl
     records = {"image": [str(Path(p).resolve()) for p in frame["image_path"]],
                **table.where(table.notna(), None).to_dict(orient="list")}
     ds = datasets.Dataset.from_dict(records).cast_column("image", datasets.Nifti())
-    embedded = ds.with_format("arrow").map(embed_table_storage, batched=True, keep_in_memory=True).with_format(None)
-    target = Path(out_dir) / "data" / f"{split}-00000-of-00001.parquet"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    embedded.to_parquet(str(target))
-    logger.info("wrote %d scans with embedded images to %s", len(frame), target)
-    return target
+    folder = Path(out_dir) / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for index in range(num_shards):
+        shard = ds.shard(num_shards, index, contiguous=True).with_format("arrow")
+        shard = shard.map(embed_table_storage, batched=True, keep_in_memory=True).with_format(None)
+        written.append(folder / f"{split}-{index:05d}-of-{num_shards:05d}.parquet")
+        shard.to_parquet(str(written[-1]))
+    logger.info("wrote %d scans with embedded images to %s (%d shard(s))", len(frame), folder, num_shards)
+    return written

@@ -318,16 +318,18 @@ def test_clinicadl_tsv_with_caps_root(cohort, expected, tmp_path):
 
 @pytest.fixture(scope="module")
 def parquet_dir(cohort, tmp_path_factory):
-    return export_parquet(cohort, tmp_path_factory.mktemp("parquet")).parents[1]
+    files = export_parquet(cohort, tmp_path_factory.mktemp("parquet"), num_shards=2)
+    assert [f.name for f in files] == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
+    return files[0].parents[1]
 
 
 def test_parquet_with_embedded_nifti_bytes(cohort, expected, parquet_dir, tmp_path):
     import datasets
 
-    path = parquet_dir / "data" / "train-00000-of-00001.parquet"
-    table = pq.read_table(path)
-    assert all(v["bytes"] and v["path"] == Path(p).name
-               for v, p in zip(table.column("image").to_pylist(), expected["image_path"]))
+    path = parquet_dir / "data" / "train-00000-of-00002.parquet"
+    table = pq.read_table(parquet_dir / "data")
+    assert table.num_rows == 12 and all(v["bytes"] and v["path"] == Path(p).name
+                                        for v, p in zip(table.column("image").to_pylist(), expected["image_path"]))
     assert isinstance(datasets.Dataset.from_parquet(str(path), cache_dir=str(tmp_path / "hf")).features["image"],
                       datasets.Nifti)
     cache = tmp_path / "nifti"
@@ -336,9 +338,11 @@ def test_parquet_with_embedded_nifti_bytes(cohort, expected, parquet_dir, tmp_pa
     assert all(Path(p).parent.parent == cache for p in frame["image_path"])
     assert_same_records(frame, expected, same_paths=False)
     stamps = {p: os.stat(p).st_mtime_ns for p in frame["image_path"]}
-    again, _ = read_corpus_source(path, materialize_dir=cache, cache_dir=str(tmp_path / "hf"))  # one file
+    again, _ = read_corpus_source(parquet_dir, materialize_dir=cache, cache_dir=str(tmp_path / "hf"))
     assert sorted(again["image_path"]) == sorted(stamps)
     assert {p: os.stat(p).st_mtime_ns for p in again["image_path"]} == stamps  # reused: cache keys hold
+    one_file, _ = read_corpus_source(path, materialize_dir=cache, cache_dir=str(tmp_path / "hf"))
+    assert len(one_file) == 6 and set(one_file["image_path"]) <= set(stamps)
     assert_same_splits(CorpusSource(parquet_dir, materialize_dir=cache, cache_dir=str(tmp_path / "hf")), cohort,
                        same_paths=False)
 
