@@ -307,6 +307,8 @@ def test_clinicadl_tsv_with_caps_root(cohort, expected, tmp_path):
     table.drop(columns="cohort").to_csv(tmp_path / "no_cohort.tsv", sep="\t", index=False)
     unnamed, _ = read_corpus_source(tmp_path / "no_cohort.tsv", root=caps)
     assert set(unnamed["dataset"]) == {"caps"}  # no cohort column: the root's name (dataset_description Name)
+    want.to_csv(tmp_path / "equivalent.csv", index=False)
+    assert_same_splits(CorpusSource(tmp_path / "split.tsv", root=caps), tmp_path / "equivalent.csv")
     table.loc[4, "diagnosis"] = "sMCI"
     table.to_csv(tmp_path / "split.tsv", sep="\t", index=False)
     with pytest.raises(ManifestError, match=r"split\.tsv row 6: column 'diagnosis'.*'sMCI'"):
@@ -418,6 +420,8 @@ def test_hub_id_through_load_dataset(cohort, expected, parquet_dir, tmp_path, mo
     assert_same_records(frame, expected, same_paths=False)
     named, _ = read_corpus_source("medblip/synthetic", materialize_dir=tmp_path / "nifti", dataset="SYN")
     assert set(named["dataset"]) == {"SYN"}
+    assert_same_splits(CorpusSource("medblip/synthetic", materialize_dir=tmp_path / "nifti"), cohort,
+                       same_paths=False)
 
 
 def test_load_corpus_mixes_sources_and_reports_them(cohort, bids_root, tmp_path):
