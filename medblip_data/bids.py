@@ -94,7 +94,7 @@ def _label(value: str, prefix: str) -> str:
 def _indexed(table: pd.DataFrame, key: str, prefix: str, path: Path) -> dict[str, tuple[dict, str]]:
     """Label (prefix stripped) -> (row as a dict, "file row n")."""
     return {_label(v, prefix): (row, f"{path} row {i + 2}")
-            for i, (v, row) in enumerate(zip(table[key], table.to_dict(orient="records")))}
+            for i, (v, row) in enumerate(zip(table[key], table.to_dict(orient="records"), strict=True))}
 
 
 def dataset_name(root: Path) -> str | None:

@@ -130,7 +130,7 @@ def detect_format(source: Any) -> str:
                             f"(niftifolder), *.parquet")
     if path.suffix.lower() in MANIFEST_SUFFIXES:
         return "manifest"  # read_manifest names the missing file
-    if isinstance(source, str) and HUB_ID.match(source) and not path.suffix.lower() in (".tsv", ".parquet"):
+    if isinstance(source, str) and HUB_ID.match(source) and path.suffix.lower() not in (".tsv", ".parquet"):
         return "hub"
     raise ManifestError(f"{source}: not found (neither a local file or folder nor a Hub dataset id owner/name)")
 
@@ -261,7 +261,7 @@ def _read_rows(source: Any, fmt: str, where: str, aliases: Mapping, report: Sour
 
 def _summarise(frame: pd.DataFrame, report: SourceReport) -> SourceReport:
     report.scans = len(frame)
-    report.subjects = len(set(zip(frame["dataset"], frame["subject_id"])))
+    report.subjects = len(set(zip(frame["dataset"], frame["subject_id"], strict=True)))
     report.datasets = sorted(set(frame["dataset"]))
     left_out = {k: v for k, v in report.counts().items() if k not in ("scans", "subjects", "materialised") and v}
     logger.info("%s", report.describe())

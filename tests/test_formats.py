@@ -60,7 +60,7 @@ def assert_same_records(frame, expected, same_paths=True):
         pd.testing.assert_frame_equal(got, want)
         return
     pd.testing.assert_frame_equal(got.drop(columns="image_path"), want.drop(columns="image_path"))
-    for a, b in zip(got["image_path"], want["image_path"]):
+    for a, b in zip(got["image_path"], want["image_path"], strict=True):
         assert a != b and Path(a).is_absolute()
         img_a, img_b = nib.load(a), nib.load(b)
         np.testing.assert_array_equal(np.asarray(img_a.dataobj), np.asarray(img_b.dataobj))
@@ -175,8 +175,8 @@ def trap_tree(cohort, expected, anatomical_nii, tmp_path_factory):
             sessions.append({"session_id": f"ses-{ses}", "age": r.age, "MMS": r.mmse, "cdr_global": r.cdr,
                              "diagnosis": r.diagnosis})
             image = scan(sub, ses, r.image_path)
-            want.append({**{c: getattr(r, c) for c in MANIFEST_COLUMNS}, "image_path": image, "dataset": "TrapCohort", "notes": None,
-                         "alternative_id_1": f"ADNI_{sub}", "mmse_bl": str(bl.mmse)})
+            want.append({**{c: getattr(r, c) for c in MANIFEST_COLUMNS}, "image_path": image, "notes": None,
+                         "dataset": "TrapCohort", "alternative_id_1": f"ADNI_{sub}", "mmse_bl": str(bl.mmse)})
         if sub == "SYN00000":  # two runs (run-02 kept, Clinica's policy), a T2w and a FLAIR beside them
             os.remove(root / "sub-SYN00000/ses-bl/anat/sub-SYN00000_ses-bl_T1w.nii.gz")
             scan(sub, "bl", bl.image_path, "sub-SYN00000_ses-bl_run-01_T1w.nii.gz")
@@ -330,8 +330,9 @@ def test_parquet_with_embedded_nifti_bytes(cohort, expected, parquet_dir, tmp_pa
 
     path = parquet_dir / "data" / "train-00000-of-00002.parquet"
     table = pq.read_table(parquet_dir / "data")
-    assert table.num_rows == 12 and all(v["bytes"] and v["path"] == Path(p).name
-                                        for v, p in zip(table.column("image").to_pylist(), expected["image_path"]))
+    cells = table.column("image").to_pylist()
+    assert len(cells) == 12 and all(v["bytes"] and v["path"] == Path(p).name
+                                    for v, p in zip(cells, expected["image_path"], strict=True))
     assert isinstance(datasets.Dataset.from_parquet(str(path), cache_dir=str(tmp_path / "hf")).features["image"],
                       datasets.Nifti)
     cache = tmp_path / "nifti"
