@@ -47,8 +47,11 @@ from typing import Any
 
 import pandas as pd
 
+from labels_medblip import is_missing
+
 from .manifest import ManifestError, read_manifest
-from .records import RawRow, SourceReport, is_missing
+from .records import RawRow, SourceReport
+
 
 logger = logging.getLogger(__name__)
 

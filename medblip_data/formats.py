@@ -45,17 +45,19 @@ from typing import Any
 
 import pandas as pd
 
+from labels_medblip import is_missing
+
 from .manifest import ManifestError, _read_table, read_manifest
 from .records import (
     RawRow,
     SourceReport,
     count_fallbacks,
     finalise,
-    is_missing,
     map_rows,
     match_columns,
     resolve_aliases,
 )
+
 
 logger = logging.getLogger(__name__)
 

@@ -34,8 +34,11 @@ from typing import Any
 
 import pandas as pd
 
+from labels_medblip import is_missing
+
 from .manifest import ManifestError, read_manifest
-from .records import RawRow, SourceReport, is_missing, match_columns
+from .records import RawRow, SourceReport, match_columns
+
 
 logger = logging.getLogger(__name__)
 

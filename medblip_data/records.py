@@ -17,7 +17,7 @@ diagnosis     diagnosis, label, dx, diagnosis_bl, diagnosis_sc       BIDS: sessi
 dataset       dataset, cohort                                        else the source's name (BIDS ``Name``)
 visit         visit, session_id, session                             ``ses-`` is stripped from session_id
 age           age, age_bl                                            BIDS: session age, then age at baseline
-sex           sex, gender                                            M/F, male/female, ... (``SEX_TABLE``)
+sex           sex, gender                                            M/F, male/female, ... (``normalize_sex``)
 education     education, education_level                             years
 mmse          mmse, MMS, mmse_score                                  Clinica: ``MMS`` (generic), ``MMSE`` (ADNI)
 cdr           cdr, cdr_global                                        global CDR
@@ -28,7 +28,8 @@ notes         notes                                                  free text
 Of these, ``diagnosis_bl``, ``diagnosis_sc`` and ``age_bl`` are baseline values (``FALLBACK_COLUMNS``); rows that
 used one are counted in ``SourceReport.fallbacks``. ``mmse_bl`` / ``cdr_bl`` are *not* fallbacks: a baseline score
 shown for a later session would misstate the record (MMSE nearly gives the label away), so they stay as extra
-columns. The ``SEX_TABLE`` of ``read_manifest`` maps sex values. Overrides replace a column's aliases:
+columns. Missing values (``n/a``, blanks, NaN) and sex codes are those of ``labels_medblip`` (``is_missing``,
+``normalize_sex``, as in ``read_manifest``). Overrides replace a column's aliases:
 ``image_column="scan"``, ``label_column="DX"``, and ``column_map={"PTEDUCAT": "education", ...}`` (source name
 -> manifest name, like ``DataFrame.rename``; several source names for one manifest column keep their order).
 Columns matched by an alias are consumed; every other scalar column is kept under its own name (as a CSV
@@ -38,7 +39,6 @@ manifest keeps extra columns); non-scalar ones (arrays, other images) are skippe
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,15 +47,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .manifest import (
-    MANIFEST_COLUMNS,
-    NUMERIC_COLUMNS,
-    OPTIONAL_COLUMNS,
-    REQUIRED_COLUMNS,
-    ManifestError,
-    _coerce,
-    normalize_diagnosis,
-)
+from labels_medblip import is_missing, normalize_diagnosis
+
+from .manifest import MANIFEST_COLUMNS, NUMERIC_COLUMNS, OPTIONAL_COLUMNS, REQUIRED_COLUMNS, ManifestError, _coerce
+
 
 COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
     "subject_id": ("subject_id", "participant_id", "subject"),
@@ -72,7 +67,6 @@ COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
     "notes": ("notes",),
 }
 PREFIXES: dict[str, str] = {"participant_id": "sub-", "session_id": "ses-"}  # BIDS entity prefixes stripped
-MISSING_TEXT: frozenset[str] = frozenset({"", "n/a", "na", "nan", "none"})
 FALLBACK_COLUMNS: frozenset[str] = frozenset({"diagnosis_bl", "diagnosis_sc", "age_bl"})  # baseline values
 
 
@@ -108,17 +102,6 @@ def match_columns(columns: Iterable[str], aliases: Mapping[str, Sequence[str]]) 
         if found:
             matched[target] = found
     return matched
-
-
-def is_missing(value: Any) -> bool:
-    """None, NaN, or a blank / ``n/a`` / ``na`` / ``nan`` / ``none`` string (BIDS writes missing as ``n/a``)."""
-    if value is None:
-        return True
-    if isinstance(value, float):
-        return math.isnan(value)
-    if isinstance(value, str):
-        return value.strip().lower() in MISSING_TEXT
-    return False
 
 
 def as_text(value: Any) -> Any:

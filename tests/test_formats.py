@@ -22,6 +22,7 @@ from medblip_data.formats import CorpusSource, detect_format, read_corpus_source
 from medblip_data.hf_datasets import export_parquet
 from medblip_data.records import COLUMN_ALIASES, SourceReport
 
+
 KEY = ["dataset", "subject_id", "visit", "image_path"]
 
 
