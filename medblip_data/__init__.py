@@ -3,6 +3,7 @@
 Public API::
 
     from medblip_data import read_manifest, load_corpus, check_subject_disjoint, split_report
+    from medblip_data.formats import read_corpus_source        # BIDS / ClinicaDL / datasets sources, detected
     from medblip_data.adapters import build_manifest           # ADNI / OASIS-1/2 / NACC / AIBL / MIRIAD
     from medblip_data.cache import build_cache                 # processor applied once, float16 Arrow
     from medblip_data.baselines import reference_baselines     # image oracle / text floor / both

@@ -269,7 +269,7 @@ def read_clinicadl(tsv: str | Path, root: str | Path | None, report: SourceRepor
     """One raw row per image of a ClinicaDL TSV row (see the module docstring)."""
     tsv = Path(tsv).resolve()
     if root is None:
-        raise ManifestError(f"{tsv}: a ClinicaDL TSV needs root= (its BIDS or CAPS folder, --caps_directory)")
+        raise ManifestError(f"{tsv}: a ClinicaDL TSV needs root= (its BIDS or CAPS folder; train.py: --data_root)")
     root = Path(root).resolve()
     kind = root_kind(root)
     report.root = str(root)

@@ -28,7 +28,9 @@ Examples::
     corpus = load_corpus([CorpusSource("labels.tsv", root="bids"), "extra.csv"])
 
 Column names map through ``records.COLUMN_ALIASES`` (documented there); ``image_column``, ``label_column`` and
-``column_map`` override it. A CSV/JSONL manifest without overrides is read by ``read_manifest`` unchanged; with
+``column_map`` override it. ``train.py`` takes the reading options as flags (``CorpusArguments``: ``--data_root``,
+``--image_column``, ``--label_column``, ``--column_map`` as JSON, ``--bids_runs``, ``--eval_split``).
+A CSV/JSONL manifest without overrides is read by ``read_manifest`` unchanged; with
 overrides, its columns go through the same mapping as every other source. Labels are checked against the label
 table at read time for every format except a plain manifest (``load_corpus`` checks those): an unknown label
 raises ``ManifestError`` naming the file, the row and the source column.
@@ -36,12 +38,13 @@ raises ``ManifestError`` naming the file, the row and the source column.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 
@@ -89,6 +92,57 @@ class CorpusSource:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "source"}
 
 
+def parse_column_map(value: str | Mapping[str, str] | None) -> dict[str, str] | None:
+    """``--column_map``: a JSON object ``{"source column": "manifest column"}`` (``json.loads``, never ``eval``),
+    or a mapping already (from a YAML/JSON config file). Targets are checked against ``MANIFEST_COLUMNS``.
+
+    Raises:
+        ValueError: not JSON, not an object of strings, or a target that is not a manifest column.
+    """
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--column_map must be a JSON object such as '{{\"PTEDUCAT\": \"education\"}}', "
+                             f"got {value!r} ({err})") from None
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ValueError(f"--column_map must map source column names to manifest column names, got {value!r}")
+    resolve_aliases(column_map=value)  # unknown targets raise now, before any data is read
+    return dict(value)
+
+
+@dataclass
+class CorpusArguments:
+    """Command-line options of ``read_corpus_source`` shared by every ``--manifests`` / ``--eval_manifest`` source
+    (``train.py``'s ``DataArguments`` extends this class; ``HfArgumentParser`` reads the help strings)."""
+
+    data_root: str | None = field(default=None, metadata={
+        "aliases": ["--caps_directory", "--bids_directory"],
+        "help": "BIDS or CAPS folder that ClinicaDL TSV sources point into"})
+    image_column: str | None = field(default=None, metadata={
+        "help": "image column of the sources (default: a datasets.Nifti() column, else image_path, image, nifti, "
+                "file_name, path, t1w or mri)"})
+    label_column: str | None = field(default=None, metadata={
+        "help": "diagnosis column of the sources (default: diagnosis, label, dx, then diagnosis_bl, diagnosis_sc)"})
+    column_map: str | None = field(default=None, metadata={
+        "help": 'other source column names, as JSON {"source column": "manifest column"}, e.g. '
+                '\'{"PTEDUCAT": "education", "MMSE": "mmse"}\''})
+    bids_runs: Literal["last", "first", "all"] = field(default="last", metadata={
+        "help": "several runs of one BIDS/CAPS session: keep the last (Clinica's rule), the first, or all"})
+    eval_split: str | None = field(default=None, metadata={
+        "help": "--eval_only: the split of a datasets source to evaluate (default: every split)"})
+
+    def __post_init__(self) -> None:
+        parse_column_map(self.column_map)  # a bad --column_map fails at parsing, not after the model is built
+
+    def source_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``read_corpus_source`` / ``CorpusSource`` (every one except ``split``)."""
+        return {"root": self.data_root, "image_column": self.image_column, "label_column": self.label_column,
+                "column_map": parse_column_map(self.column_map), "runs": self.bids_runs}
+
+
 def is_dataset_object(source: Any) -> bool:
     """A ``datasets.Dataset`` or ``DatasetDict`` (checked without importing ``datasets``)."""
     return type(source).__module__.startswith("datasets.") and hasattr(source, "column_names")
@@ -118,7 +172,7 @@ def detect_format(source: Any) -> str:
     if path.is_dir():
         if (path / "subjects").is_dir():
             raise ManifestError(f"{path}: a CAPS folder holds no labels: pass the ClinicaDL TSV as the source "
-                                f"and this folder as root= (--caps_directory)")
+                                f"and this folder as root= (train.py: --data_root)")
         if (path / "dataset_description.json").is_file():
             return "bids"
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
