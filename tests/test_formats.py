@@ -7,6 +7,8 @@ frame), the same voxels where images had to be materialised from bytes, and the 
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -14,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from conftest import REPO_ROOT
 
 import synthetic_cohort as sc
 from medblip_data import MANIFEST_COLUMNS, ManifestError, load_corpus, read_manifest
@@ -21,9 +24,6 @@ from medblip_data.bids import export_bids
 from medblip_data.formats import CorpusSource, detect_format, read_corpus_source
 from medblip_data.hf_datasets import export_parquet
 from medblip_data.records import COLUMN_ALIASES, SourceReport
-
-
-KEY = ["dataset", "subject_id", "visit", "image_path"]
 
 
 @pytest.fixture(scope="module")
@@ -457,3 +457,143 @@ def test_synthetic_cohort_cli_exports(tmp_path, capsys):
     for source in (tmp_path / "bids", tmp_path / "pq"):
         frame, _ = read_corpus_source(source, cache_dir=str(tmp_path / "hf"))
         assert_same_records(frame, expected, same_paths=False)
+
+
+# ---------------------------------------------------------------------------- train.py: every format end to end
+
+
+@pytest.fixture(scope="module")
+def hf_cache(tmp_path_factory):
+    """train.py opens datasets sources with datasets' default cache: point it into the test's folder."""
+    import datasets
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf_datasets")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def clinicadl_tsv(expected, tmp_path_factory):
+    """ClinicaDL labels (participant, session, label under another name) pointing into the BIDS export."""
+    path = tmp_path_factory.mktemp("clinicadl") / "labels.tsv"
+    _tsv(path, [{"participant_id": f"sub-{r.subject_id}", "session_id": f"ses-{r.visit}", "DX": r.diagnosis}
+                for r in expected.itertuples()])
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    """A tiny MedBLIP folder as train.py saves it (random weights: enough to compare inputs, cheaper than training)."""
+    import torch
+
+    import train
+    from pipeline_medblip import save_medblip_for_hub
+
+    torch.manual_seed(0)
+    model, processor = train.build_model(train.ModelArguments(preset="tiny", target_spacing=[6.0, 6.0, 6.0]))
+    return save_medblip_for_hub(model.eval(), processor, tmp_path_factory.mktemp("model") / "tiny")
+
+
+def _eval_only(model, source, out, *flags):
+    """eval_results.json of ``train.py --eval_only`` on ``source``: (metrics, data_sources)."""
+    import train
+
+    train.main(["--eval_only", "--model_name_or_path", str(model), "--eval_manifest", str(source), "--output_dir",
+                str(out), "--cache_dir", str(out / "cache"), "--num_proc", "1", "--report_to", "none",
+                "--eval_batch_size", "16", "--max_new_tokens", "2", *flags])
+    results = json.loads((out / "eval_results.json").read_text())
+    return results, results.pop("data_sources")
+
+
+def test_eval_only_gives_the_csv_numbers_for_every_format(model_folder, cohort, trap_tree, clinicadl_tsv, bids_root,
+                                                          parquet_dir, hf_cache, tmp_path):
+    """BIDS with traps, ClinicaDL TSV + BIDS root, Parquet with embedded NIfTI, niftifolder: the very numbers of
+    the equivalent CSV manifest; only ``data_sources`` (format, source, what was left out) differs."""
+    trap_root, trap_csv = trap_tree
+    reference, [csv_source] = _eval_only(model_folder, cohort, tmp_path / "csv")
+    assert csv_source["format"] == "manifest" and reference["likelihood"]["image_text"]["all"]["n"] == 12
+    trap_reference, _ = _eval_only(model_folder, trap_csv, tmp_path / "trap_csv")
+    assert trap_reference["likelihood"]["image_text"]["all"]["n"] == 9
+    runs = {
+        "bids": (trap_root, [], trap_reference),
+        "clinicadl": (clinicadl_tsv, ["--data_root", str(bids_root), "--label_column", "DX"], reference),
+        "parquet": (parquet_dir, [], reference),
+        "niftifolder": (cohort.parent, ["--eval_split", "train"], reference),
+    }
+    reports = {}
+    for fmt, (source, flags, want) in runs.items():
+        results, [reports[fmt]] = _eval_only(model_folder, source, tmp_path / fmt, *flags)
+        assert results == want, fmt
+        assert reports[fmt]["format"] == fmt and reports[fmt]["source"] == str(Path(source).resolve())
+    # what was left out travels with the numbers
+    assert [Path(m["item"]).name for m in reports["bids"]["extra_runs"]] == ["sub-SYN00000_ses-bl_run-01_T1w.nii.gz"]
+    assert len(reports["bids"]["missing_images"]) == 3 and reports["clinicadl"]["root"] == str(bids_root.resolve())
+    assert reports["parquet"]["materialised"] == 12 and reports["niftifolder"]["splits"] == {"train": 12}
+
+
+def test_build_data_reads_the_csv_corpus_from_every_format(cohort, expected, trap_tree, clinicadl_tsv, bids_root,
+                                                           parquet_dir, hf_cache, monkeypatch):
+    """train.build_data (the training corpus, patches aside) from each format equals the one from the CSV."""
+    import contextlib
+    import types
+
+    import train
+
+    monkeypatch.setattr(train, "build_cache", lambda dataset, *args, **kwargs: dataset)  # records, not patches
+    accelerator = types.SimpleNamespace(main_process_first=contextlib.nullcontext)
+
+    def corpus(source, holdout=("site_B",), **flags):
+        data_args = train.DataArguments(manifests=[str(source)], holdout_datasets=list(holdout), val_fraction=0.25,
+                                        test_fraction=0.25, **flags)
+        cached = train.build_data(data_args, None, accelerator)[2]
+        return {split: _sorted(dataset.to_pandas()) for split, dataset in cached.items()}
+
+    def assert_same(got, want, same_paths):
+        assert set(got) == set(want)
+        for split in want:
+            columns = [c for c in want[split].columns if same_paths or c != "image_path"]
+            pd.testing.assert_frame_equal(got[split][columns], want[split][columns], obj=split)
+
+    reference = corpus(cohort)
+    assert set(reference) == {"train", "validation", "test", "zeroshot"} and len(reference["zeroshot"]) == 6
+    assert sum(len(split) for split in reference.values()) == 12
+    assert_same(corpus(parquet_dir), reference, same_paths=False)  # images materialised from bytes
+    assert_same(corpus(cohort.parent), reference, same_paths=True)  # niftifolder: the very same files
+    assert_same(corpus(clinicadl_tsv, data_root=str(bids_root), label_column="DX"), reference, same_paths=False)
+    trap_root, trap_csv = trap_tree
+    assert_same(corpus(trap_root, holdout=()), corpus(trap_csv, holdout=()), same_paths=True)
+    every_run = corpus(trap_root, holdout=(), bids_runs="all")
+    assert sum(len(split) for split in every_run.values()) == 10  # --bids_runs all: both runs of SYN00000 bl
+
+
+def test_train_flags_for_corpus_sources():
+    """--data_root (alias --caps_directory), --column_map as JSON (never evaluated), --bids_runs choices."""
+    import train
+
+    _, data_args, _ = train.parse_arguments(["--caps_directory", "caps", "--label_column", "DX", "--column_map",
+                                             '{"PTEDUCAT": "education", "MMSE": "mmse"}', "--bids_runs", "first"])
+    assert data_args.source_options() == {"root": "caps", "image_column": None, "label_column": "DX",
+                                          "column_map": {"PTEDUCAT": "education", "MMSE": "mmse"}, "runs": "first"}
+    with pytest.raises(ValueError, match=r"--column_map must be a JSON object .* got '__import__\(\"os\"\)'"):
+        train.parse_arguments(["--column_map", '__import__("os")'])
+    with pytest.raises(ValueError, match=r"--column_map must map source column names .* got \['education'\]"):
+        train.parse_arguments(["--column_map", '["education"]'])
+    with pytest.raises(ValueError, match=r"column_map: 'DX' -> 'label': target must be one of"):
+        train.parse_arguments(["--column_map", '{"DX": "label"}'])
+    with pytest.raises(SystemExit):
+        train.parse_arguments(["--bids_runs", "best"])
+
+
+def test_reading_manifests_and_bids_imports_no_torch_datasets_or_nibabel(cohort, bids_root):
+    """The format readers are lazy: a manifest or a BIDS tree is read with pandas alone (datasets only for datasets
+    sources), so data tools stay light and medblip_data never pulls in transformers."""
+    script = (
+        "import sys\n"
+        "import medblip_data.formats, medblip_data.bids, medblip_data.hf_datasets, medblip_data.records\n"
+        f"frame, _ = medblip_data.formats.read_corpus_source({str(cohort)!r})\n"
+        f"bids, _ = medblip_data.formats.read_corpus_source({str(bids_root)!r})\n"
+        "assert len(frame) == len(bids) == 12\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'nibabel') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
