@@ -268,6 +268,8 @@ def read_corpus_source(source: Any, *, root: str | Path | None = None, image_col
     fmt = format or detect_format(source)
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+    if split is not None and fmt in ("manifest", "bids", "clinicadl"):
+        raise ValueError(f"{source}: split={split!r} (--eval_split) applies to datasets sources; a {fmt} has no splits")
     where = _where(source, fmt)
     report = SourceReport(format=fmt, source=where)
     overrides = image_column or label_column or column_map or dataset

@@ -582,6 +582,8 @@ def test_train_flags_for_corpus_sources():
         train.parse_arguments(["--column_map", '{"DX": "label"}'])
     with pytest.raises(SystemExit):
         train.parse_arguments(["--bids_runs", "best"])
+    with pytest.raises(ValueError, match=r"split='test' \(--eval_split\) applies to datasets sources; a manifest"):
+        read_corpus_source(REPO_ROOT / "missing.csv", split="test")  # said before any file is read
 
 
 def test_reading_manifests_and_bids_imports_no_torch_datasets_or_nibabel(cohort, bids_root):
