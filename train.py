@@ -17,7 +17,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
@@ -28,11 +27,10 @@ from transformers import AutoTokenizer, HfArgumentParser, get_cosine_schedule_wi
 from configuration_medblip import PRESETS, MedBlipConfig
 from convert_medblip import build_gpt2_tokenizer, bundled_minilm, from_blip2_pretrained, init_qformer_from_bert
 from image_processing_medblip import MedBlipImageProcessor
+from medblip_data import CorpusArguments, load_corpus, read_eval_dataset
 from medblip_data.augment import VolumeAugmentation
 from medblip_data.cache import build_cache
 from medblip_data.collate import make_collate
-from medblip_data.formats import CorpusArguments, CorpusSource, read_corpus_source
-from medblip_data.manifest import load_corpus
 from medblip_eval import (
     MODES,
     class_labels,
@@ -98,9 +96,8 @@ class ModelArguments:
 
 @dataclass
 class DataArguments(CorpusArguments):  # + --data_root, --image_column, --label_column, --column_map, --bids_runs ...
-    manifests: list[str] = field(default_factory=list, metadata={"help": (
-        "corpus sources, format detected: CSV/JSONL manifest, BIDS root, ClinicaDL TSV (+ --data_root), datasets "
-        "save_to_disk / Parquet / niftifolder folder, Hub dataset id; empty = the built-in synthetic cohort")})
+    manifests: list[str] = field(default_factory=list, metadata={
+        "help": "corpus sources: manifest, BIDS root, ClinicaDL TSV, datasets folder, Hub id; empty: synthetic"})
     synthetic_dir: str = field(default="data/synthetic-cohort", metadata={"help": "where the synthetic cohort lives"})
     synthetic_n_per_class: int = field(default=400, metadata={"help": "synthetic subjects per class"})
     synthetic_size: int = field(default=64, metadata={"help": "synthetic volume size (voxels per side)"})
@@ -184,9 +181,8 @@ def build_data(data_args: DataArguments, image_processor: MedBlipImageProcessor,
                 data_args.synthetic_dir, n_per_class=data_args.synthetic_n_per_class, size=data_args.synthetic_size,
                 seed=data_args.synthetic_seed, num_workers=data_args.num_proc))]
     corpus = load_corpus(
-        [CorpusSource(m, **data_args.source_options()) for m in manifests],
-        holdout_datasets=tuple(data_args.holdout_datasets), val_fraction=data_args.val_fraction,
-        test_fraction=data_args.test_fraction, seed=data_args.split_seed,
+        data_args.corpus_sources(manifests), holdout_datasets=tuple(data_args.holdout_datasets),
+        val_fraction=data_args.val_fraction, test_fraction=data_args.test_fraction, seed=data_args.split_seed,
     )
     cached = {}
     with accelerator.main_process_first():
@@ -334,10 +330,7 @@ def run_eval_only(data_args: DataArguments, train_args: TrainArguments, model_ar
     """`--eval_only`: a trained folder on `--eval_manifest`; writes eval_results.json and the confusion matrices."""
     model = MedBlipForConditionalGeneration.from_pretrained(train_args.model_name_or_path).to(accelerator.device).eval()
     processor = MedBlipProcessor.from_pretrained(train_args.model_name_or_path)
-    rows, report = read_corpus_source(data_args.eval_manifest, split=data_args.eval_split,
-                                      **data_args.source_options())
-    rows = rows.sort_values(["dataset", "subject_id", "visit"], kind="stable")  # numbers independent of row order
-    table = datasets.Dataset.from_pandas(rows, preserve_index=False)
+    table, report = read_eval_dataset(data_args.eval_manifest, split=data_args.eval_split, **data_args.source_options())
     dataset = build_cache(table, processor.image_processor, Path(data_args.cache_dir) / "eval",
                           num_proc=data_args.num_proc, fatal=data_args.fatal_bad_scans)
     results, predictions = evaluate_dataset(model, processor, dataset, model_args.record_fields,
@@ -345,8 +338,7 @@ def run_eval_only(data_args: DataArguments, train_args: TrainArguments, model_ar
                                             accelerator.device, load_metric())
     out = Path(train_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results["data_sources"] = [report.to_dict()]  # format, source and what was left out
-    (out / "eval_results.json").write_text(json.dumps(results, indent=2))
+    (out / "eval_results.json").write_text(json.dumps({**results, "data_sources": [report.to_dict()]}, indent=2))
     write_evaluation(results, predictions, class_labels(model.config), f"{report.format} {Path(report.source).name}",
                      out / "confusion_matrices.png", out / "predictions.jsonl" if train_args.log_predictions else None)
     logger.info("wrote %s", out / "eval_results.json")

@@ -9,6 +9,7 @@ Public API::
     from medblip_data.baselines import reference_baselines     # image oracle / text floor / both
 """
 
+from .formats import CorpusArguments, CorpusSource, read_corpus_source, read_eval_dataset
 from .manifest import (
     MANIFEST_COLUMNS,
     REQUIRED_COLUMNS,
@@ -22,12 +23,16 @@ from .manifest import (
 
 
 __all__ = [
+    "CorpusArguments",
+    "CorpusSource",
     "MANIFEST_COLUMNS",
     "REQUIRED_COLUMNS",
     "ManifestError",
     "check_subject_disjoint",
     "load_corpus",
     "normalize_diagnosis",
+    "read_corpus_source",
+    "read_eval_dataset",
     "read_manifest",
     "split_report",
 ]

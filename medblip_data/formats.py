@@ -142,6 +142,10 @@ class CorpusArguments:
         return {"root": self.data_root, "image_column": self.image_column, "label_column": self.label_column,
                 "column_map": parse_column_map(self.column_map), "runs": self.bids_runs}
 
+    def corpus_sources(self, sources: list[Any]) -> list[CorpusSource]:
+        """The training sources (``--manifests``) with these options, for ``load_corpus``."""
+        return [CorpusSource(source, **self.source_options()) for source in sources]
+
 
 def is_dataset_object(source: Any) -> bool:
     """A ``datasets.Dataset`` or ``DatasetDict`` (checked without importing ``datasets``)."""
@@ -189,6 +193,16 @@ def detect_format(source: Any) -> str:
     if isinstance(source, str) and HUB_ID.match(source) and path.suffix.lower() not in (".tsv", ".parquet"):
         return "hub"
     raise ManifestError(f"{source}: not found (neither a local file or folder nor a Hub dataset id owner/name)")
+
+
+def read_eval_dataset(source: Any, **options: Any) -> tuple[Any, SourceReport]:
+    """``read_corpus_source`` as a ``datasets.Dataset`` in (dataset, subject, visit) order, for ``--eval_only``:
+    the evaluation batches, and so the numbers, do not depend on the order in which a source lists its scans."""
+    import datasets
+
+    frame, report = read_corpus_source(source, **options)
+    frame = frame.sort_values(["dataset", "subject_id", "visit"], kind="stable")
+    return datasets.Dataset.from_pandas(frame, preserve_index=False), report
 
 
 def _where(source: Any, fmt: str) -> str:
