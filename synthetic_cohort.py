@@ -22,6 +22,10 @@ Output contract (``DIR/manifest.csv``, one row per scan; see ``COHORT_COLUMNS``)
 ``image_path`` (relative to DIR), ``diagnosis`` (CN/MCI/AD), ``dataset`` (site name), ``visit``, ``age``,
 ``sex`` ("F"/"M"), ``education`` (years), ``mmse``, ``cdr``, ``apoe4`` (0/1/2), ``notes``, and the ground
 truth ``ventricles_ml``, ``hippocampi_ml``. Images are 3D ``.nii.gz`` with sform/qform set (mm units).
+``DIR/metadata.csv`` holds the same rows with ``file_name`` in place of ``image_path``, so DIR is also a
+``niftifolder`` dataset: ``datasets.load_dataset("niftifolder", data_dir=DIR)`` gives a ``nifti`` column plus the
+records. ``--export-bids OUT`` writes the cohort as a Clinica-style BIDS tree, ``--export-parquet OUT`` as Parquet
+with the images embedded (``medblip_data.bids.export_bids``, ``medblip_data.hf_datasets.export_parquet``).
 Generation settings are recorded in ``DIR/cohort.json``; a second call with the same settings reuses
 the cohort. Everything is deterministic per seed, whatever the number of workers.
 
@@ -29,12 +33,14 @@ Usage::
 
     python synthetic_cohort.py --out data/synthetic --n-per-class 100 --size 64 --seed 0
     python synthetic_cohort.py --out data/synthetic_long --n-per-class 20 --visits 3   # longitudinal
+    python synthetic_cohort.py --out data/synthetic --export-bids data/synthetic_bids  # + a BIDS tree
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
 import multiprocessing
@@ -567,6 +573,7 @@ def generate_cohort(out_dir: str | Path, n_per_class: int = 100, size: int = 64,
     manifest = out_dir / "manifest.csv"
     if _cohort_is_current(out_dir, settings):
         logger.info("reusing synthetic cohort %s (same settings)", out_dir)
+        write_niftifolder_metadata(manifest)
         return manifest
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     by_name = {s.name: s for s in site_list}
@@ -577,6 +584,7 @@ def generate_cohort(out_dir: str | Path, n_per_class: int = 100, size: int = 64,
     rows = _run_jobs(jobs, num_workers, progress)
     elapsed = time.perf_counter() - start
     _write_manifest(manifest, rows)
+    write_niftifolder_metadata(manifest)
     (out_dir / "cohort.json").write_text(json.dumps(
         {"settings": settings, "subjects": len(rows), "seconds": round(elapsed, 2)}, indent=2))
     logger.info("wrote %d subjects to %s in %.1f s (%.3f s/subject wall)", len(rows), out_dir, elapsed,
@@ -599,6 +607,25 @@ def _write_manifest(path: Path, rows: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=list(COHORT_COLUMNS))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def write_niftifolder_metadata(manifest: Path) -> Path:
+    """Write ``metadata.csv`` beside ``manifest``: its rows with ``file_name`` (first) in place of ``image_path``.
+
+    The folder is then a ``datasets`` ``niftifolder``; the file is rewritten only when its content would change.
+    """
+    with manifest.open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    columns = ["file_name"] + [c for c in reader.fieldnames or () if c != "image_path"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({"file_name": r["image_path"], **{c: r[c] for c in columns[1:]}} for r in rows)
+    target = manifest.parent / "metadata.csv"
+    if not target.is_file() or target.read_text() != buffer.getvalue():
+        target.write_text(buffer.getvalue())
+    return target
 
 
 # ---------------------------------------------------------------------------- figure
@@ -671,13 +698,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--visits", type=int, default=1, help="scans per subject (baseline + yearly follow-ups)")
     parser.add_argument("--figure", default=None, help="also save the example figure to this PNG path")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--export-bids", default=None, help="also write the cohort as a BIDS tree in this folder")
+    parser.add_argument("--export-parquet", default=None,
+                        help="also write the cohort as Parquet with embedded NIfTI bytes in this folder")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     manifest = generate_cohort(args.out, args.n_per_class, args.size, args.seed, args.sites,
                                args.num_workers, progress=not args.no_progress, visits=args.visits)
     print(f"manifest: {manifest}")
+    export(manifest, args.export_bids, args.export_parquet)
     if args.figure:
         print(f"figure: {make_figure(manifest, args.figure)}")
+
+
+def export(manifest: Path, bids_dir: str | None, parquet_dir: str | None) -> None:
+    """The ``--export-bids`` / ``--export-parquet`` copies of the cohort."""
+    if bids_dir:
+        from medblip_data.bids import export_bids
+
+        print(f"BIDS: {export_bids(manifest, bids_dir, name='MedBLIP synthetic cohort')}")
+    if parquet_dir:
+        from medblip_data.hf_datasets import export_parquet
+
+        print(f"Parquet: {export_parquet(manifest, parquet_dir)[0].parent}")
 
 
 if __name__ == "__main__":

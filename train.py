@@ -17,7 +17,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
@@ -28,10 +27,10 @@ from transformers import AutoTokenizer, HfArgumentParser, get_cosine_schedule_wi
 from configuration_medblip import PRESETS, MedBlipConfig
 from convert_medblip import build_gpt2_tokenizer, bundled_minilm, from_blip2_pretrained, init_qformer_from_bert
 from image_processing_medblip import MedBlipImageProcessor
+from medblip_data import CorpusArguments, load_corpus, read_eval_dataset
 from medblip_data.augment import VolumeAugmentation
 from medblip_data.cache import build_cache
 from medblip_data.collate import make_collate
-from medblip_data.manifest import load_corpus, read_manifest
 from medblip_eval import (
     MODES,
     class_labels,
@@ -98,10 +97,9 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
-    manifests: list[str] = field(
-        default_factory=list, metadata={"help": "cohort manifests (CSV/JSONL); empty = the built-in synthetic cohort"}
-    )
+class DataArguments(CorpusArguments):  # + --data_root, --image_column, --label_column, --column_map, --bids_runs ...
+    manifests: list[str] = field(default_factory=list, metadata={
+        "help": "corpus sources: manifest, BIDS root, ClinicaDL TSV, datasets folder, Hub id; empty: synthetic"})
     synthetic_dir: str = field(default="data/synthetic-cohort", metadata={"help": "where the synthetic cohort lives"})
     synthetic_n_per_class: int = field(default=400, metadata={"help": "synthetic subjects per class"})
     synthetic_size: int = field(default=64, metadata={"help": "synthetic volume size (voxels per side)"})
@@ -116,7 +114,7 @@ class DataArguments:
     cache_dir: str = field(default="data/cache", metadata={"help": "preprocessed-patch cache (Arrow, float16)"})
     num_proc: int = field(default=2, metadata={"help": "processes for data generation and preprocessing"})
     fatal_bad_scans: bool = field(default=False, metadata={"help": "stop at the first unreadable scan"})
-    eval_manifest: str | None = field(default=None, metadata={"help": "manifest evaluated with --eval_only"})
+    eval_manifest: str | None = field(default=None, metadata={"help": "source evaluated by --eval_only (any format)"})
 
 
 @dataclass
@@ -186,8 +184,8 @@ def build_data(data_args: DataArguments, image_processor: MedBlipImageProcessor,
                 data_args.synthetic_dir, n_per_class=data_args.synthetic_n_per_class, size=data_args.synthetic_size,
                 seed=data_args.synthetic_seed, num_workers=data_args.num_proc))]
     corpus = load_corpus(
-        manifests, holdout_datasets=tuple(data_args.holdout_datasets), val_fraction=data_args.val_fraction,
-        test_fraction=data_args.test_fraction, seed=data_args.split_seed,
+        data_args.corpus_sources(manifests), holdout_datasets=tuple(data_args.holdout_datasets),
+        val_fraction=data_args.val_fraction, test_fraction=data_args.test_fraction, seed=data_args.split_seed,
     )
     cached = {}
     with accelerator.main_process_first():
@@ -335,7 +333,7 @@ def run_eval_only(data_args: DataArguments, train_args: TrainArguments, model_ar
     """`--eval_only`: a trained folder on `--eval_manifest`; writes eval_results.json and the confusion matrices."""
     model = MedBlipForConditionalGeneration.from_pretrained(train_args.model_name_or_path).to(accelerator.device).eval()
     processor = MedBlipProcessor.from_pretrained(train_args.model_name_or_path)
-    table = datasets.Dataset.from_pandas(read_manifest(data_args.eval_manifest), preserve_index=False)
+    table, report = read_eval_dataset(data_args.eval_manifest, split=data_args.eval_split, **data_args.source_options())
     dataset = build_cache(table, processor.image_processor, Path(data_args.cache_dir) / "eval",
                           num_proc=data_args.num_proc, fatal=data_args.fatal_bad_scans)
     results, predictions = evaluate_dataset(model, processor, dataset, model_args.record_fields,
@@ -343,8 +341,9 @@ def run_eval_only(data_args: DataArguments, train_args: TrainArguments, model_ar
                                             accelerator.device, load_metric())
     out = Path(train_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval_results.json").write_text(json.dumps({**results, "dropped_scans": dropped_scans(dataset)}, indent=2))
-    write_evaluation(results, predictions, class_labels(model.config), Path(data_args.eval_manifest).name,
+    (out / "eval_results.json").write_text(json.dumps(
+        {**results, "dropped_scans": dropped_scans(dataset), "data_sources": [report.to_dict()]}, indent=2))
+    write_evaluation(results, predictions, class_labels(model.config), f"{report.format} {Path(report.source).name}",
                      out / "confusion_matrices.png", out / "predictions.jsonl" if train_args.log_predictions else None)
     logger.info("wrote %s", out / "eval_results.json")
     return results
@@ -422,7 +421,8 @@ def write_outputs(model, processor, state, snapshot, results_by_split, baselines
     save_medblip_for_hub(model, processor, out)
     main_split = next(iter(results_by_split), None)
     if main_split:
-        (out / "eval_results.json").write_text(json.dumps(results_by_split[main_split], indent=2))
+        (out / "eval_results.json").write_text(json.dumps(
+            {**results_by_split[main_split], "data_sources": snapshot["data_sources"]}, indent=2))
         (out / "eval_results_all_splits.json").write_text(json.dumps(
             {"results": results_by_split, "baselines": baselines}, indent=2))
         write_model_card(out, results_by_split[main_split], baselines.get(main_split), snapshot, main_split)
@@ -453,6 +453,7 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(train_args.seed)
     model, processor = build_model(model_args)
     snapshot["data"]["manifests"], corpus, cached = build_data(data_args, processor.image_processor, accelerator)
+    snapshot["data_sources"] = [report.to_dict() for report in corpus.source_reports]
     run_config = run_configuration(snapshot, model, processor, cached, accelerator.num_processes)  # before sharding
     train_loader = training_loader(cached["train"], processor, model_args, train_args)
     optimizer = build_optimizer(optimizer_groups(

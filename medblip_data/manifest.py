@@ -259,14 +259,16 @@ def _to_dataset(frame: pd.DataFrame) -> Any:
     return datasets.Dataset.from_dict(records, features=datasets.Features(features))
 
 
-def load_corpus(manifests: Sequence[str | Path] | str | Path, holdout_datasets: Iterable[str] = (),
+def load_corpus(manifests: Sequence[Any] | Any, holdout_datasets: Iterable[str] = (),
                 val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0) -> Any:
-    """Read manifests into a ``datasets.DatasetDict`` split by subject.
+    """Read manifests (or any corpus source: BIDS, ClinicaDL, ``datasets``; ``medblip_data.formats``) into a
+    ``datasets.DatasetDict`` split by subject. Sources that need options go in as ``formats.CorpusSource``.
 
     Splits: ``train``, ``validation``, ``test`` (subjects of the non-held-out datasets, stratified by dataset
     and subject class) and, if ``holdout_datasets`` is given, ``zeroshot`` (every scan of those datasets).
     Each row has the manifest columns (``image_path`` absolute, ``diagnosis`` in CN/MCI/AD), ``diagnosis_raw``
-    and any extra columns. The split report (``split_report``) is logged and stored as ``.split_report``.
+    and any extra columns. The split report (``split_report``) is logged and stored as ``.split_report``; the
+    source reports (``formats.SourceReport``, one per source) as ``.source_reports``.
 
     Raises:
         ManifestError: a manifest is malformed or has an unknown diagnosis label, or an image file is listed
@@ -275,17 +277,23 @@ def load_corpus(manifests: Sequence[str | Path] | str | Path, holdout_datasets: 
     """
     import datasets
 
-    paths = [manifests] if isinstance(manifests, (str, Path)) else list(manifests)
+    from .formats import CorpusSource, is_dataset_object, read_corpus_source
+
+    single = isinstance(manifests, (str, Path, CorpusSource)) or is_dataset_object(manifests)
+    paths = [manifests] if single else list(manifests)
     if not paths:
         raise ValueError("load_corpus needs at least one manifest")
-    frames = []
-    for path in paths:
-        frame = read_manifest(path)
-        frame["_manifest"] = str(Path(path).resolve())
-        frame["_row"] = [f"{Path(path).name}:{i + 2}" for i in range(len(frame))]
+    frames, reports = [], []
+    for path in paths:  # any corpus source (formats.detect_format); a CSV/JSONL manifest goes to read_manifest
+        frame, report = read_corpus_source(path)
+        frame["_manifest"] = report.source
+        name = Path(report.source).name
+        frame["_row"] = [f"{name}:{i + 2}" if report.format == "manifest" else f"{name} row {i}"
+                         for i in range(len(frame))]
         frames.append(frame)
+        reports.append(report)
     frame = pd.concat(frames, ignore_index=True)
-    refuse_repeated_images(frame, list(frame["_row"]), f"manifests {[str(p) for p in paths]}")
+    refuse_repeated_images(frame, list(frame["_row"]), f"sources {[report.source for report in reports]}")
     frame = _normalize_labels(frame)
     frame["_subject"] = [subject_key(d, s) for d, s in zip(frame["dataset"], frame["subject_id"])]
     holdout = set(holdout_datasets)
@@ -304,6 +312,7 @@ def load_corpus(manifests: Sequence[str | Path] | str | Path, holdout_datasets: 
     check_subject_disjoint(corpus)
     report = split_report(corpus)
     corpus.split_report = report
+    corpus.source_reports = reports  # formats.SourceReport per source: format, source, counts, what was left out
     logger.info("corpus split (seed %d, held out: %s):\n%s", seed, sorted(holdout) or "none",
                 report.to_string(index=False))
     return corpus

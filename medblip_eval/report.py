@@ -9,6 +9,8 @@ import numpy as np
 from huggingface_hub import ModelCard, ModelCardData
 from matplotlib.figure import Figure  # no pyplot: no backend and no global figure state
 
+from medblip_data.records import SourceReport
+
 from .predict import DECODERS, MODES
 
 
@@ -114,7 +116,8 @@ Research on 3D medical vision-language models: zero-shot CN/MCI/AD classificatio
 generation, and visual question answering on T1-weighted brain MRI with a short health record.
 
 ## Training data
-Manifests: {manifests}. Held-out cohorts (never trained on, used for the zero-shot table): {holdout}.
+Data sources (format, source, scans read and left out): {sources}.
+Held-out cohorts (never trained on, used for the zero-shot table): {holdout}.
 Splits are by subject. The built-in default is a *synthetic* cohort made by warping the MNI152 template
 (`synthetic_cohort.py`), so the figures below say nothing about real patients.
 
@@ -156,7 +159,8 @@ def write_model_card(folder: Path, results: dict, baselines: dict | None, snapsh
     content = CARD_TEMPLATE.format(
         card_yaml=card_data.to_yaml(), preset=snapshot["model"]["preset"],
         num_query_tokens=snapshot["num_query_tokens"],
-        manifests=snapshot["data"]["manifests"], holdout=snapshot["data"]["holdout_datasets"],
+        sources="; ".join(f"`{SourceReport(**source).describe()}`" for source in snapshot["data_sources"]),
+        holdout=snapshot["data"]["holdout_datasets"],
         target_spacing=snapshot["model"]["target_spacing"], volume_size=snapshot["volume_size"],
         patch_size=snapshot["patch_size"], record_fields=snapshot["model"]["record_fields"], split=split,
         n=results["likelihood"]["image_text"]["all"]["n"], results_table=_results_table(results),

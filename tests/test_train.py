@@ -51,7 +51,7 @@ def trained(cohort, tmp_path_factory) -> tuple[Path, dict]:
     return output, results
 
 
-def test_training_run_writes_hub_folder_plots_and_card(trained):
+def test_training_run_writes_hub_folder_plots_and_card(trained, cohort):
     output, results = trained
     for name in ("config.json", "model.safetensors", "modeling_medblip.py", "configuration_medblip.py",
                  "processing_medblip.py", "processor_config.json", "eval_results.json", "learning_curves.png",
@@ -60,6 +60,8 @@ def test_training_run_writes_hub_folder_plots_and_card(trained):
     card = (output / "README.md").read_text()
     assert "Not for clinical use" in card and "library_name: transformers" in card
     assert "| image_only | likelihood |" in card and "text_floor" in card
+    manifest = cohort / "manifest.csv"  # the data source: format, resolved path and counts (issue 14)
+    assert f"`manifest {manifest.resolve()}: scans 18, subjects 18`" in card
     image_text = results["zeroshot"]["likelihood"]["image_text"]["all"]["balanced_accuracy"]
     verdict = "met" if image_text >= 0.70 else "missed"
     assert f"image + text {image_text:.3f} (target >= 0.70: {verdict})" in card
@@ -69,7 +71,8 @@ def test_training_run_writes_hub_folder_plots_and_card(trained):
 def test_eval_results_schema(trained):
     output, _ = trained
     results = json.loads((output / "eval_results.json").read_text())
-    assert set(results) == {"likelihood", "generate"}
+    assert set(results) == {"likelihood", "generate", "data_sources"}
+    assert [source["format"] for source in results.pop("data_sources")] == ["manifest"]
     for decoder in results:
         assert set(results[decoder]) == {"image_text", "image_only", "text_only"}
         for mode, groups in results[decoder].items():
