@@ -14,9 +14,23 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers import initialization as init
-from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.blip_2.modeling_blip_2 import Blip2Encoder, Blip2TextEmbeddings
-from transformers.utils import ModelOutput, logging
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    BaseModelOutputWithPoolingAndCrossAttentions,
+    CausalLMOutputWithPast,
+    Seq2SeqLMOutput,
+)
+from transformers.models.blip_2.modeling_blip_2 import (
+    BaseModelOutputWithVisionQformerOutputs,
+    Blip2Attention,
+    Blip2Encoder,
+    Blip2EncoderLayer,
+    Blip2TextEmbeddings,
+)
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple, logging
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
 
 
 try:
@@ -28,6 +42,9 @@ except ImportError:
 
 
 logger = logging.get_logger(__name__)
+
+# What the vision encoder and the Q-Former record on request; the other keywords of a forward call go to the LM only.
+_OUTPUT_FLAGS = ("output_attentions", "output_hidden_states")
 
 
 @dataclass
@@ -43,6 +60,11 @@ class MedBlipForConditionalGenerationModelOutput(ModelOutput):
         (in distributed training, of every process's batch: `(global_batch_size, global_batch_size)`).
     image_tokens (`torch.FloatTensor` of shape `(batch_size, num_query_tokens, text_hidden_size)`): the query outputs
         projected into the LM's embedding space, written into the `<image>` slots of the prompt.
+    vision_outputs (`BaseModelOutputWithPooling`): outputs of the 3D vision encoder (hidden states and attentions when
+        asked for with `output_hidden_states` / `output_attentions`).
+    qformer_outputs (`BaseModelOutputWithPoolingAndCrossAttentions`): outputs of the Q-Former over the queries.
+    language_model_outputs (`CausalLMOutputWithPast` or `Seq2SeqLMOutput`): outputs of the language model (its
+        hidden states, attentions and cache).
     """
 
     loss: torch.FloatTensor | None = None
@@ -52,6 +74,27 @@ class MedBlipForConditionalGenerationModelOutput(ModelOutput):
     logits: torch.FloatTensor | None = None
     logits_per_image: torch.FloatTensor | None = None
     image_tokens: torch.FloatTensor | None = None
+    vision_outputs: BaseModelOutputWithPooling | None = None
+    qformer_outputs: BaseModelOutputWithPoolingAndCrossAttentions | None = None
+    language_model_outputs: CausalLMOutputWithPast | Seq2SeqLMOutput | None = None
+
+    def to_tuple(self) -> tuple:
+        nested = ("vision_outputs", "qformer_outputs", "language_model_outputs")
+        return tuple(getattr(self, key).to_tuple() if key in nested else self[key] for key in self.keys())
+
+    # The language model's cache, hidden states and attentions, read where a causal LM output has them (generation
+    # with GenerationMixin); they are stored once, in `language_model_outputs`.
+    @property
+    def cache(self):
+        return getattr(self.language_model_outputs, "cache", None)
+
+    @property
+    def hidden_states(self) -> tuple[torch.FloatTensor, ...] | None:
+        return getattr(self.language_model_outputs, "hidden_states", None)
+
+    @property
+    def attentions(self) -> tuple[torch.FloatTensor, ...] | None:
+        return getattr(self.language_model_outputs, "attentions", None)
 
 
 class MedBlipVisionEmbeddings(nn.Module):
@@ -106,7 +149,7 @@ class MedBlipPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _supports_sdpa = True
     _supports_flash_attn = False  # the Q-Former is kept in fp32, which blocks flash attention dispatch
-    _supports_flex_attn = True
+    _supports_flex_attn = False  # GPT-2 refuses flex attention; on CPU it runs no backward pass
     _no_split_modules = ["Blip2EncoderLayer", "Blip2QFormerLayer", "MedBlipVisionEmbeddings", "Blip2TextEmbeddings"]
 
     def _init_weights(self, module):
@@ -140,6 +183,7 @@ class MedBlipVisionModel(MedBlipPreTrainedModel):
     config: MedBlipVisionConfig
     main_input_name = "pixel_values"
     input_modalities = ("image",)
+    _can_record_outputs = {"hidden_states": Blip2EncoderLayer, "attentions": Blip2Attention}
 
     def __init__(self, config: MedBlipVisionConfig):
         super().__init__(config)
@@ -148,9 +192,22 @@ class MedBlipVisionModel(MedBlipPreTrainedModel):
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)  # hidden_states[-1] is the last block's, before post_layernorm
     def forward(
-        self, pixel_values: torch.Tensor, patch_grid: torch.Tensor | None = None, **kwargs
-    ) -> BaseModelOutputWithPooling:
+        self,
+        pixel_values: torch.Tensor,
+        patch_grid: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | BaseModelOutputWithPooling:
+        r"""
+        pixel_values (`(batch_size, num_patches, C*pd*ph*pw)`): volume patches from `MedBlipImageProcessor`.
+        patch_grid (`(batch_size, 3)`): patch grid of each volume; needed when it differs from the configured one.
+
+        `output_hidden_states=True` adds `hidden_states` (the embeddings and each block's output, `num_hidden_layers
+        + 1` tensors `(batch_size, 1 + num_patches, hidden_size)`), `output_attentions=True` adds `attentions` (one
+        `(batch_size, num_heads, 1 + num_patches, 1 + num_patches)` per block; eager attention only).
+        """
         hidden_states = self.embeddings(pixel_values, patch_grid)  # (B, 1 + N, hidden)
         hidden_states = self.encoder(inputs_embeds=hidden_states, **kwargs).last_hidden_state
         last_hidden_state = self.post_layernorm(hidden_states)
@@ -178,8 +235,10 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
     torch.Size([1, 7, 50304])
     ```"""
 
-    main_input_name = "pixel_values"
-    _keep_in_fp32_modules = ["query_tokens", "qformer"]
+    # fp32 whatever dtype the model is loaded in (fp16 and bf16): the small trainable bridge keeps full precision
+    _keep_in_fp32_modules_strict = ["query_tokens", "qformer"]
+    # forward checks the `<image>` counts and de-duplicates answers (torch.unique): data-dependent, graph breaks
+    _can_compile_fullgraph = False
 
     def __init__(self, config: MedBlipConfig):
         super().__init__(config)
@@ -200,6 +259,12 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
         if config.lora_rank > 0:  # after post_init: peft's own initialisation (lora_B = 0, the identity) stands
             self._add_lora_adapters()
         self.apply_freezing()
+
+    @property
+    def main_input_name(self) -> str:
+        # Decoder-only LMs generate through GenerationMixin from the prompt ids (as LLaVA); encoder-decoder LMs
+        # through the LM's own generate from the prompt embeddings, the volumes being the main input (as BLIP-2).
+        return "input_ids" if self.config.use_decoder_only_language_model else "pixel_values"
 
     # ------------------------------------------------------------------ setup helpers
     def _add_lora_adapters(self):
@@ -249,53 +314,98 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.language_model.get_output_embeddings()
 
+    def set_output_embeddings(self, new_embeddings: nn.Module):
+        self.language_model.set_output_embeddings(new_embeddings)
+
     def get_encoder(self, modality=None):
         return self.language_model.get_encoder() if modality is None else super().get_encoder(modality=modality)
 
     # ------------------------------------------------------------------ features
+    @can_return_tuple
     def get_image_features(
-        self, pixel_values: torch.Tensor, patch_grid: torch.Tensor | None = None, output_attentions: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
-        """Volume patches -> (query outputs `(B, Q, qformer_hidden)`, image tokens `(B, Q, lm_hidden)`,
-        Q-Former cross-attentions or None)."""
-        image_embeds = self.vision_model(pixel_values, patch_grid).last_hidden_state  # (B, 1 + N, vision_hidden)
+        self, pixel_values: torch.Tensor, patch_grid: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs]
+    ) -> tuple | BaseModelOutputWithVisionQformerOutputs:
+        """Volume patches -> vision encoder -> Q-Former -> image tokens, as in BLIP-2.
+
+        Returns `last_hidden_state` (vision encoder output `(B, 1 + N, vision_hidden)`), `pooler_output` (the image
+        tokens written into the `<image>` slots, `(B, Q, lm_hidden)`), the vision encoder's `hidden_states` and
+        `attentions` when asked for, `vision_outputs` and `qformer_outputs` (query outputs `(B, Q, qformer_hidden)`
+        in its `last_hidden_state`). `output_attentions` / `output_hidden_states` reach both encoders.
+        """
+        vision_outputs = self.vision_model(pixel_values, patch_grid, return_dict=True, **kwargs)
+        qformer_outputs = self._query_outputs(vision_outputs.last_hidden_state, **kwargs)
+        query_output = qformer_outputs.last_hidden_state.to(vision_outputs.last_hidden_state.dtype)  # Q-Former: fp32
+        return BaseModelOutputWithVisionQformerOutputs(
+            last_hidden_state=vision_outputs.last_hidden_state,
+            pooler_output=self.language_projection(query_output.to(self.language_projection.weight.dtype)),
+            hidden_states=vision_outputs.hidden_states,
+            attentions=vision_outputs.attentions,
+            vision_outputs=vision_outputs,
+            qformer_outputs=qformer_outputs,
+        )
+
+    def _image_tokens(self, pixel_values: torch.Tensor | None, patch_grid: torch.Tensor | None) -> torch.Tensor | None:
+        """The image tokens `(B, Q, lm_hidden)` of the volumes, or None without volumes."""
+        if pixel_values is None:
+            return None
+        return self.get_image_features(pixel_values, patch_grid, return_dict=True).pooler_output
+
+    def _query_outputs(self, image_embeds: torch.Tensor, **kwargs) -> BaseModelOutputWithPoolingAndCrossAttentions:
+        """The learned queries read the vision encoder output `(B, 1 + N, vision_hidden)` through the Q-Former."""
         query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        qformer_outputs = self.qformer(
+        return self.qformer(
             query_embeds=query_tokens,
             encoder_hidden_states=image_embeds,
             encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device),
-            output_attentions=output_attentions,
             return_dict=True,
+            **kwargs,
         )
-        query_output = qformer_outputs.last_hidden_state.to(image_embeds.dtype)  # the Q-Former runs in fp32
-        image_tokens = self.language_projection(query_output.to(self.language_projection.weight.dtype))
-        return query_output, image_tokens, (qformer_outputs.cross_attentions if output_attentions else None)
 
-    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """BERT-tokenised text -> normalized contrastive embedding `(B, image_text_hidden_size)` from its CLS token."""
+    @can_return_tuple
+    def get_text_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs]
+    ) -> tuple | BaseModelOutputWithPooling:
+        """BERT-tokenised text through the Q-Former text path: `last_hidden_state` `(B, L, qformer_hidden)` and, as
+        `pooler_output`, the normalized contrastive embedding of its CLS token `(B, image_text_hidden_size)`."""
         text_embeds = self.embeddings(input_ids=input_ids)
-        text_output = self.qformer(query_embeds=text_embeds, query_length=0, attention_mask=attention_mask)
-        cls_state = text_output.last_hidden_state[:, 0, :]
-        return F.normalize(self.text_projection(cls_state.to(self.text_projection.weight.dtype)), dim=-1)
+        text_outputs = self.qformer(
+            query_embeds=text_embeds, query_length=0, attention_mask=attention_mask, return_dict=True, **kwargs
+        )
+        cls_state = text_outputs.last_hidden_state[:, 0, :]
+        text_features = self.text_projection(cls_state.to(self.text_projection.weight.dtype))
+        return BaseModelOutputWithPooling(
+            last_hidden_state=text_outputs.last_hidden_state,
+            pooler_output=F.normalize(text_features, dim=-1),
+            hidden_states=text_outputs.hidden_states,
+            attentions=text_outputs.attentions,
+        )
 
     def get_query_cross_attentions(self, pixel_values: torch.Tensor, patch_grid: torch.Tensor | None = None):
         """Where the queries look: cross-attention averaged over layers and heads, CLS dropped, `(B, Q, N)`."""
+        image_embeds = self.vision_model(pixel_values, patch_grid, return_dict=True).last_hidden_state
         implementation = self.qformer.config._attn_implementation
         self.qformer.set_attn_implementation("eager")  # fused kernels do not return attention weights
         try:
-            _, _, cross_attentions = self.get_image_features(pixel_values, patch_grid, output_attentions=True)
+            cross_attentions = self._query_outputs(image_embeds, output_attentions=True).cross_attentions
         finally:
             self.qformer.set_attn_implementation(implementation)
         attention = torch.stack([layer.mean(dim=1) for layer in cross_attentions]).mean(dim=0)  # (B, Q, 1 + N)
         return attention[:, :, 1:]
 
-    def get_placeholder_mask(self, input_ids: torch.LongTensor, num_images: int) -> torch.Tensor:
-        """Boolean mask `(B, L)` of `<image>` tokens.
+    def get_placeholder_mask(
+        self, input_ids: torch.LongTensor | None, num_images: int, inputs_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Boolean mask `(B, L)` of `<image>` tokens, found in `input_ids` or, without them, as the `<image>` token's
+        embedding in `inputs_embeds`.
 
         Without volumes no row may hold one. With volumes each row holds `num_query_tokens` of them, or none: that
         row's volume is withheld from the LM (training with `image_dropout`; the contrastive terms still use it).
         """
-        mask = input_ids == self.config.image_token_index
+        if input_ids is not None:
+            mask = input_ids == self.config.image_token_index
+        else:
+            image_token = torch.tensor(self.config.image_token_index, device=inputs_embeds.device)
+            mask = (inputs_embeds == self.get_input_embeddings()(image_token)).all(dim=-1)
         counts = mask.sum(dim=1)
         expected = self.config.num_query_tokens
         if num_images and ((counts != expected) & (counts != 0)).any():
@@ -312,17 +422,19 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
 
     def _embed_prompt(
         self,
-        input_ids: torch.LongTensor,
-        pixel_values: torch.Tensor | None,
-        patch_grid: torch.Tensor | None,
-        image_tokens: torch.Tensor | None = None,
+        input_ids: torch.LongTensor | None,
+        image_tokens: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """LM input embeddings with the image tokens written into the `<image>` placeholder slots."""
-        if image_tokens is None and pixel_values is not None:
-            image_tokens = self.get_image_features(pixel_values, patch_grid)[1]
-        mask = self.get_placeholder_mask(input_ids, num_images=0 if image_tokens is None else len(image_tokens))
-        safe_ids = input_ids.masked_fill(mask, 0)  # the placeholder id may lie outside a frozen vocabulary
-        inputs_embeds = self.get_input_embeddings()(safe_ids)
+        """LM input embeddings (of `input_ids`, or `inputs_embeds` as given) with the image tokens `(B, Q, lm_hidden)`
+        written into the `<image>` placeholder slots."""
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("input_ids (the LM prompt) or inputs_embeds is required; build it with MedBlipProcessor")
+        num_images = 0 if image_tokens is None else len(image_tokens)
+        mask = self.get_placeholder_mask(input_ids, num_images, inputs_embeds)
+        if inputs_embeds is None:
+            safe_ids = input_ids.masked_fill(mask, 0)  # the placeholder id may lie outside a frozen vocabulary
+            inputs_embeds = self.get_input_embeddings()(safe_ids)
         if image_tokens is not None:
             image_tokens = image_tokens.to(inputs_embeds.device, inputs_embeds.dtype)
             shown = mask.any(dim=1)  # rows whose volume is withheld take no image tokens
@@ -330,11 +442,16 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
         return inputs_embeds
 
     def _decoder_only_lm(self, inputs_embeds, attention_mask, **kwargs):
-        # Prompts are left-padded: positions count real tokens only, as generate() does.
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        return self.language_model(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs
-        )
+        if attention_mask is None:  # it covers the cached tokens too
+            cache = kwargs.get("cache")
+            length = inputs_embeds.shape[1] + (cache.get_seq_length() if cache is not None else 0)
+            attention_mask = torch.ones(inputs_embeds.shape[0], length, dtype=torch.long, device=inputs_embeds.device)
+        # Prompts are left-padded: positions count real tokens only, as generate() does; the new embeddings take the
+        # last positions.
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
+        kwargs.setdefault("position_ids", position_ids)
+        return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=True,
+                                   **kwargs)
 
     # ------------------------------------------------------------------ losses
     def _image_features_for_contrast(self, query_output: torch.Tensor) -> torch.Tensor:
@@ -366,7 +483,8 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
         image_features = None
         if qformer_input_ids is not None and self.config.loss_weight_itc_text > 0:
             image_features = gather(self._image_features_for_contrast(query_output))
-            text_features = gather(self.get_text_features(qformer_input_ids, qformer_attention_mask))
+            text_outputs = self.get_text_features(qformer_input_ids, qformer_attention_mask, return_dict=True)
+            text_features = gather(text_outputs.pooler_output)
             logits_per_image = self.contrastive_logits(image_features, text_features)
             positives = torch.eye(len(image_features), dtype=torch.bool, device=query_output.device)
             loss_itc_text = contrastive_loss(logits_per_image, positives, smoothing)
@@ -378,7 +496,8 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
             rows = gather_token_rows(qformer_answer_input_ids, answer_mask, gather=self.training)
             distinct, answer_index = torch.unique(rows, dim=0, return_inverse=True)
             length = rows.shape[1] // 2
-            answer_features = self.get_text_features(distinct[:, :length], distinct[:, length:])[answer_index]
+            answer_features = self.get_text_features(distinct[:, :length], distinct[:, length:], return_dict=True)
+            answer_features = answer_features.pooler_output[answer_index]
             if image_features is None:
                 image_features = gather(self._image_features_for_contrast(query_output))
             similarity = self.contrastive_logits(image_features, answer_features)
@@ -386,6 +505,7 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
         return loss_itc_text, loss_itc_answer, logits_per_image
 
     # ------------------------------------------------------------------ forward
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -399,9 +519,10 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
         qformer_answer_attention_mask: torch.LongTensor | None = None,
         decoder_input_ids: torch.LongTensor | None = None,
         decoder_attention_mask: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         logits_to_keep: int = 0,
-        **kwargs,
-    ) -> MedBlipForConditionalGenerationModelOutput:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | MedBlipForConditionalGenerationModelOutput:
         r"""
         pixel_values (`(batch_size, num_patches, C*pd*ph*pw)`): volume patches from `MedBlipImageProcessor`;
             `None` for text-only input (the prompt then holds no `<image>` tokens).
@@ -413,32 +534,37 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
         qformer_input_ids, qformer_attention_mask: BERT-tokenised health-record text (image-text contrastive loss).
         qformer_answer_input_ids, qformer_answer_attention_mask: BERT-tokenised "question answer" text
             (image-answer contrastive loss; identical rows are positives of each other).
+        inputs_embeds (`(batch_size, sequence_length, text_hidden_size)`): the prompt's LM embeddings instead of
+            `input_ids` (the `<image>` slots are found by the `<image>` token's embedding).
         logits_to_keep (`int`, defaults to 0 = all): decoder-only LMs compute logits (and the LM loss) on the last
             `logits_to_keep` positions only; answers sit at the end of left-padded rows, so training needs just
             `answer length + 1` of them, which spares the vocabulary projection of the whole prompt.
+        kwargs: `output_attentions` and `output_hidden_states` reach the vision encoder, the Q-Former and the LM;
+            anything else (`use_cache`, `cache`, ...) goes to the LM. `return_dict=False` returns a tuple.
         """
-        if input_ids is None:
-            raise ValueError("input_ids (the LM prompt) is required; build it with MedBlipProcessor")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        for flag in _OUTPUT_FLAGS:  # set on this config, they hold for every part (each reads its own sub-config)
+            if getattr(self.config, flag, False):
+                kwargs.setdefault(flag, True)
+        output_flags = {key: kwargs[key] for key in _OUTPUT_FLAGS if key in kwargs}
         # step 1: volume -> queries -> image tokens
-        query_output = image_tokens = None
+        image_outputs = None
         if pixel_values is not None:
-            query_output, image_tokens, _ = self.get_image_features(pixel_values, patch_grid)
+            image_outputs = self.get_image_features(pixel_values, patch_grid, return_dict=True, **output_flags)
         # step 2: contrastive losses in the Q-Former space
         loss_itc_text = loss_itc_answer = logits_per_image = None
-        if query_output is not None:
+        if image_outputs is not None:
             loss_itc_text, loss_itc_answer, logits_per_image = self.contrastive_losses(
-                query_output, qformer_input_ids, qformer_attention_mask, qformer_answer_input_ids,
-                qformer_answer_attention_mask,
+                image_outputs.qformer_outputs.last_hidden_state, qformer_input_ids, qformer_attention_mask,
+                qformer_answer_input_ids, qformer_answer_attention_mask,
             )
         # step 3: the LM, with image tokens in the placeholder slots
-        inputs_embeds = self._embed_prompt(input_ids, None, None, image_tokens=image_tokens)
-        loss_lm = None
+        image_tokens = None if image_outputs is None else image_outputs.pooler_output
+        inputs_embeds = self._embed_prompt(input_ids, image_tokens, inputs_embeds)
         if self.config.use_decoder_only_language_model:
             lm_outputs = self._decoder_only_lm(inputs_embeds, attention_mask, logits_to_keep=logits_to_keep, **kwargs)
-            logits = lm_outputs.logits
+            loss_lm = None
             if labels is not None:
+                logits = lm_outputs.logits
                 kept_labels = labels[:, -logits.shape[1] :].to(logits.device)
                 loss_lm = self.loss_function(logits=logits, labels=kept_labels, vocab_size=logits.shape[-1], **kwargs)
         else:
@@ -446,7 +572,7 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
                 inputs_embeds=inputs_embeds, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
                 decoder_attention_mask=decoder_attention_mask, labels=labels, return_dict=True, **kwargs,
             )
-            logits, loss_lm = lm_outputs.logits, lm_outputs.loss
+            loss_lm = lm_outputs.loss
         weighted = [
             (loss_lm, self.config.loss_weight_lm),
             (loss_itc_text, self.config.loss_weight_itc_text),
@@ -458,9 +584,12 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
             loss_lm=loss_lm,
             loss_itc_text=loss_itc_text,
             loss_itc_answer=loss_itc_answer,
-            logits=logits,
+            logits=lm_outputs.logits,
             logits_per_image=logits_per_image,
             image_tokens=image_tokens,
+            vision_outputs=None if image_outputs is None else image_outputs.vision_outputs,
+            qformer_outputs=None if image_outputs is None else image_outputs.qformer_outputs,
+            language_model_outputs=lm_outputs,
         )
 
     # ------------------------------------------------------------------ inference
@@ -471,23 +600,59 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.LongTensor | None = None,
         patch_grid: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         **generate_kwargs,
-    ) -> torch.LongTensor:
-        """Answer tokens generated after the prompt, `(batch_size, new_tokens)` (the prompt is not repeated).
+    ) -> torch.LongTensor | ModelOutput:
+        """Generate answers after the prompts, the volumes' image tokens in the `<image>` slots.
 
-        Settings come from `self.generation_config`, overridden by `generate_kwargs`.
+        Returns, as BLIP-2 and `GenerationMixin` do: for a decoder-only LM the prompt `input_ids` followed by the new
+        tokens, `(batch_size, prompt_length + new_tokens)` (only the new tokens when the prompt comes as
+        `inputs_embeds` alone); for an encoder-decoder LM the decoder tokens, starting with the decoder start token.
+        `MedBlipProcessor.post_process_image_text_to_text(ids, input_ids=prompt)` decodes the answers alone. With
+        `return_dict_in_generate=True`, a `GenerateOutput`.
+
+        `inputs_embeds` (`(batch_size, sequence_length, text_hidden_size)`) replaces the embedding of `input_ids`;
+        with `pixel_values`, the image tokens go into its `<image>` slots (found by the `<image>` token's
+        embedding). Settings come from `self.generation_config`, overridden by `generate_kwargs`; greedy, sampling,
+        beam search, with or without cache, and assisted decoding (`assistant_model`: another MedBLIP model of the
+        same LM vocabulary) work as for any transformers model.
         """
-        if input_ids is None:
-            raise ValueError("input_ids (the prompt) is required; build it with MedBlipProcessor")
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("input_ids (the prompt) or inputs_embeds is required; build it with MedBlipProcessor")
+        if self.config.use_decoder_only_language_model:
+            # GenerationMixin drives this model: the prefill step gets the volumes (prepare_inputs_for_generation)
+            inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "inputs_embeds": inputs_embeds,
+                      "pixel_values": pixel_values, "patch_grid": patch_grid}
+            return super().generate(**{k: v for k, v in inputs.items() if v is not None}, **generate_kwargs)
+        # encoder-decoder: the LM's generate, from the prompt embeddings holding the image tokens
+        image_tokens = self._image_tokens(pixel_values, patch_grid)
+        if image_tokens is not None or inputs_embeds is None:
+            inputs_embeds = self._embed_prompt(input_ids, image_tokens, inputs_embeds)
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        inputs_embeds = self._embed_prompt(input_ids, pixel_values, patch_grid)
+            attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
         generation_config = copy.deepcopy(generate_kwargs.pop("generation_config", None) or self.generation_config)
         generation_config.update(**{k: v for k, v in generate_kwargs.items() if hasattr(generation_config, k)})
         lm_kwargs = {k: v for k, v in generate_kwargs.items() if not hasattr(generation_config, k)}
         return self.language_model.generate(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, generation_config=generation_config, **lm_kwargs
         )
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        patch_grid: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> dict:
+        """GenerationMixin's inputs of one decoding step (decoder-only LMs); the volumes go only to a step that holds
+        the prompt's `<image>` slots: the prefill (empty cache), or every step without a cache."""
+        model_inputs = super().prepare_inputs_for_generation(input_ids, cache=cache, inputs_embeds=inputs_embeds,
+                                                             **kwargs)
+        if cache is None or cache.get_seq_length() == 0:
+            model_inputs.update(pixel_values=pixel_values, patch_grid=patch_grid)
+        return model_inputs
 
     @torch.no_grad()
     def score_candidates(
@@ -510,7 +675,8 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
             attention_mask = torch.ones_like(input_ids)
         if candidate_attention_mask is None:
             candidate_attention_mask = torch.ones_like(candidate_input_ids)
-        inputs_embeds = self._embed_prompt(input_ids, pixel_values, patch_grid)
+        image_tokens = self._image_tokens(pixel_values, patch_grid)
+        inputs_embeds = self._embed_prompt(input_ids, image_tokens)
         # rows (B*K, ...) are prompt-major: row b*K + k is prompt b with candidate k
         targets = candidate_input_ids.repeat(batch_size, 1)  # (B*K, Lc)
         target_mask = candidate_attention_mask.repeat(batch_size, 1)

@@ -101,7 +101,7 @@ class _MedBlipPipeline(Pipeline):
         )
         if inputs["pixel_values"].shape[0] != 1:
             raise ValueError("one input holds several volumes; pass a list of volumes instead (one result each)")
-        return {key: inputs[key] for key in ("input_ids", "attention_mask", "pixel_values", "patch_grid")}
+        return {key: inputs[key] for key in self.processor.model_input_names}
 
     def _cast(self, model_inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         model_inputs = dict(model_inputs)
@@ -239,11 +239,15 @@ class VolumeQuestionAnsweringPipeline(_MedBlipPipeline):
 
     def _forward(self, model_inputs: dict[str, torch.Tensor], generate_kwargs: dict | None = None) -> dict:
         generate_kwargs = self._prepare_generate_kwargs(generate_kwargs or {})
-        return {"generated_ids": self.model.generate(**self._cast(model_inputs), **generate_kwargs)}
+        generated_ids = self.model.generate(**self._cast(model_inputs), **generate_kwargs)
+        return {"generated_ids": generated_ids, "input_ids": model_inputs["input_ids"]}
 
     def postprocess(self, model_outputs: dict[str, torch.Tensor]) -> list[dict[str, str]]:
-        texts = self.processor.tokenizer.batch_decode(model_outputs["generated_ids"], skip_special_tokens=True)
-        return [{"answer": text.strip()} for text in texts]
+        # a decoder-only LM's output starts with the prompt: the processor drops it
+        texts = self.processor.post_process_image_text_to_text(
+            model_outputs["generated_ids"], input_ids=model_outputs["input_ids"]
+        )
+        return [{"answer": text} for text in texts]
 
 
 # ----------------------------------------------------------------------------------------------------------------

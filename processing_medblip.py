@@ -136,10 +136,9 @@ class MedBlipProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self) -> list[str]:
-        return [
-            "input_ids", "attention_mask", "labels", "qformer_input_ids", "qformer_attention_mask",
-            "qformer_answer_input_ids", "qformer_answer_attention_mask", "pixel_values", "patch_grid",
-        ]
+        """What inference feeds the model (`generate`, `score_candidates`, the pipelines); the training-only outputs
+        (`labels`, `qformer_*`, for the losses) are left out."""
+        return ["input_ids", "attention_mask", "pixel_values", "patch_grid"]
 
     # -- labels and answers --------------------------------------------------------------------------------------
 
@@ -156,6 +155,31 @@ class MedBlipProcessor(ProcessorMixin):
         table = {normalize_text(text).rstrip("."): label for label, text in self.answer_texts.items()}
         texts = [texts] if isinstance(texts, str) else list(texts)
         return [table.get(normalize_text(text).rstrip(".").strip()) for text in texts]
+
+    def post_process_image_text_to_text(
+        self, generated_outputs: Any, skip_special_tokens: bool = True, input_ids: Any = None, **kwargs: Any
+    ) -> list[str]:
+        """The answers in `MedBlipForConditionalGeneration.generate` output, one stripped string per row.
+
+        For a decoder-only LM, `generate` returns the prompt followed by the new tokens (as BLIP-2 does): pass the
+        prompt `input_ids` given to `generate` and its columns are dropped. An encoder-decoder LM returns decoder
+        tokens only; nothing is dropped. `kwargs` go to the tokenizer's `batch_decode`.
+
+        Raises:
+            ValueError: the rows do not start with `input_ids` (e.g. the model was given `inputs_embeds` alone).
+        """
+        if input_ids is not None and not self.is_encoder_decoder:
+            prompt_length = input_ids.shape[-1]
+            repeats = generated_outputs.shape[0] // input_ids.shape[0]  # num_return_sequences
+            prompts = input_ids.to(generated_outputs.device).repeat_interleave(repeats, dim=0)
+            if not torch.equal(generated_outputs[:, :prompt_length], prompts):
+                raise ValueError(
+                    f"the generated ids do not start with the {prompt_length}-token prompt given as input_ids; pass "
+                    "input_ids only when generate() returned the prompt with the answer"
+                )
+            generated_outputs = generated_outputs[:, prompt_length:]
+        texts = self.tokenizer.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+        return [text.strip() for text in texts]
 
     def candidate_inputs(
         self, labels: Sequence[str] = DIAGNOSIS_LABELS, return_tensors: str | None = "pt", free_text: bool = False

@@ -52,8 +52,7 @@ def predict(model, processor, dataset, record_fields, mode, batch_size, max_new_
     probabilities, generated = [], []
     for start in range(0, len(dataset), batch_size):
         rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        batch = {k: v.to(device) for k, v in collate(rows).items()
-                 if k in ("input_ids", "attention_mask", "pixel_values", "patch_grid")}
+        batch = {k: v.to(device) for k, v in collate(rows).items() if k in processor.model_input_names}
         scores = model.score_candidates(
             batch["input_ids"], candidates["candidate_input_ids"], pixel_values=batch.get("pixel_values"),
             attention_mask=batch["attention_mask"], candidate_attention_mask=candidates["candidate_attention_mask"],
@@ -62,8 +61,8 @@ def predict(model, processor, dataset, record_fields, mode, batch_size, max_new_
         probabilities.append(torch.softmax(scores.float(), dim=-1).cpu())
         if generate:
             tokens = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
-            generated += processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-    return {"probabilities": torch.cat(probabilities).numpy(), "generated": [text.strip() for text in generated]}
+            generated += processor.post_process_image_text_to_text(tokens, input_ids=batch["input_ids"])  # answers
+    return {"probabilities": torch.cat(probabilities).numpy(), "generated": generated}
 
 
 def evaluate_dataset(model, processor, dataset, record_fields, batch_size, max_new_tokens, device, metric,

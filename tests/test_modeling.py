@@ -383,11 +383,12 @@ def test_generate_honours_generation_config(lm):
     model.generation_config.max_new_tokens = 2
     model.generation_config.min_new_tokens = 2
     generated = model.generate(pixel_values=batch["pixel_values"], input_ids=prompt, attention_mask=mask)
-    limit = 2 + (0 if lm == "gpt2" else 1)  # seq2seq output starts with the decoder start token
-    assert generated.shape == (2, limit)
+    # decoder-only output starts with the prompt, seq2seq output with the decoder start token
+    offset = prompt.shape[1] if lm == "gpt2" else 1
+    assert generated.shape == (2, offset + 2)
     longer = model.generate(pixel_values=batch["pixel_values"], input_ids=prompt, attention_mask=mask,
                             max_new_tokens=4, min_new_tokens=4)
-    assert longer.shape == (2, limit + 2)
+    assert longer.shape == (2, offset + 4)
     assert model.generation_config.max_new_tokens == 2  # call arguments never leak into the stored config
 
 
@@ -397,8 +398,8 @@ def test_answer_contrastive_loss_counts_same_answers_as_positives():
     batch = make_batch(config, batch_size=4)
     with torch.no_grad():
         output = model(**batch)
-        query_output = model.get_image_features(batch["pixel_values"])[0]
-        answer_features = model.get_text_features(batch["qformer_answer_input_ids"])
+        query_output = model.get_image_features(batch["pixel_values"]).qformer_outputs.last_hidden_state
+        answer_features = model.get_text_features(batch["qformer_answer_input_ids"]).pooler_output
         similarity = model.contrastive_logits(model._image_features_for_contrast(query_output), answer_features)
     labels = batch["qformer_answer_input_ids"][:, 2]
     positives = (labels[:, None] == labels[None, :]).float()

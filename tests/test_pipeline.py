@@ -173,9 +173,13 @@ def test_question_answering_passes_generation_arguments(vqa, anatomical_nii, mon
                  max_new_tokens=3, num_beams=2)
     assert len(answer) == 1 and set(answer[0]) == {"answer"} and isinstance(answer[0]["answer"], str)
     kwargs, generated = calls[-1]
-    assert kwargs["max_new_tokens"] == 3 and kwargs["num_beams"] == 2 and generated.shape[1] <= 3
+    prompt_length = kwargs["input_ids"].shape[1]  # generate returns the prompt, then the answer
+    assert kwargs["max_new_tokens"] == 3 and kwargs["num_beams"] == 2 and generated.shape[1] - prompt_length <= 3
+    assert torch.equal(generated[:, :prompt_length], kwargs["input_ids"])
+    answer_ids = generated[0, prompt_length:]
+    assert answer[0]["answer"] == vqa.processor.tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
     vqa(anatomical_nii, generate_kwargs={"max_new_tokens": 1})
-    assert calls[-1][0]["max_new_tokens"] == 1 and calls[-1][1].shape[1] <= 1
+    assert calls[-1][0]["max_new_tokens"] == 1 and calls[-1][1].shape[1] - prompt_length <= 1
     items = [{"volume": anatomical_nii, "record": record} for record in RECORDS]
     singles = [vqa(item, max_new_tokens=3) for item in items]
     assert vqa(items, max_new_tokens=3, batch_size=2) == singles

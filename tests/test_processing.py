@@ -158,7 +158,12 @@ def test_batch_size_mismatch_and_model_input_names(processor):
     with pytest.raises(ValueError, match="unknown diagnosis label 'Converted'"):
         processor(records=[RECORD], diagnoses=["Converted"])
     batch = processor(images=[_volume()], spacing=(1, 1, 1), records=[RECORD], diagnoses=["AD"])
-    assert set(batch) == set(processor.model_input_names)
+    # what inference passes; the training-only outputs for the losses are left out
+    assert processor.model_input_names == ["input_ids", "attention_mask", "pixel_values", "patch_grid"]
+    assert set(batch) - set(processor.model_input_names) == {
+        "labels", "qformer_input_ids", "qformer_attention_mask", "qformer_answer_input_ids",
+        "qformer_answer_attention_mask",
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
