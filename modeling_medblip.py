@@ -454,6 +454,11 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
                                    **kwargs)
 
     # ------------------------------------------------------------------ losses
+    def _decoder_only_loss(self, logits: torch.Tensor, labels: torch.LongTensor, **kwargs) -> torch.Tensor:
+        """LM loss on the answer: `labels` aligned with the prompt, cut to the positions that kept logits."""
+        kept_labels = labels[:, -logits.shape[1] :].to(logits.device)
+        return self.loss_function(logits=logits, labels=kept_labels, vocab_size=logits.shape[-1], **kwargs)
+
     def _image_features_for_contrast(self, query_output: torch.Tensor) -> torch.Tensor:
         """Normalized contrastive embedding of each query `(B, Q, image_text_hidden_size)`."""
         return F.normalize(self.vision_projection(query_output.to(self.vision_projection.weight.dtype)), dim=-1)
@@ -505,6 +510,14 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
         return loss_itc_text, loss_itc_answer, logits_per_image
 
     # ------------------------------------------------------------------ forward
+    def _forward_defaults(self, kwargs: dict) -> dict:
+        """Output flags set on this config hold for every part (each part reads its own sub-config); no LM cache in
+        training (a cache serves decoding; kept in the output it would hold every layer's keys and values)."""
+        defaults = {flag: True for flag in _OUTPUT_FLAGS if getattr(self.config, flag, False)}
+        if self.training:
+            defaults["use_cache"] = False
+        return {**defaults, **kwargs}
+
     @can_return_tuple
     def forward(
         self,
@@ -542,9 +555,7 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
         kwargs: `output_attentions` and `output_hidden_states` reach the vision encoder, the Q-Former and the LM;
             anything else (`use_cache`, `cache`, ...) goes to the LM. `return_dict=False` returns a tuple.
         """
-        for flag in _OUTPUT_FLAGS:  # set on this config, they hold for every part (each reads its own sub-config)
-            if getattr(self.config, flag, False):
-                kwargs.setdefault(flag, True)
+        kwargs = self._forward_defaults(kwargs)
         output_flags = {key: kwargs[key] for key in _OUTPUT_FLAGS if key in kwargs}
         # step 1: volume -> queries -> image tokens
         image_outputs = None
@@ -562,11 +573,7 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
         inputs_embeds = self._embed_prompt(input_ids, image_tokens, inputs_embeds)
         if self.config.use_decoder_only_language_model:
             lm_outputs = self._decoder_only_lm(inputs_embeds, attention_mask, logits_to_keep=logits_to_keep, **kwargs)
-            loss_lm = None
-            if labels is not None:
-                logits = lm_outputs.logits
-                kept_labels = labels[:, -logits.shape[1] :].to(logits.device)
-                loss_lm = self.loss_function(logits=logits, labels=kept_labels, vocab_size=logits.shape[-1], **kwargs)
+            loss_lm = None if labels is None else self._decoder_only_loss(lm_outputs.logits, labels, **kwargs)
         else:
             lm_outputs = self.language_model(
                 inputs_embeds=inputs_embeds, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
@@ -581,9 +588,7 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
         present = [weight * term for term, weight in weighted if term is not None]
         return MedBlipForConditionalGenerationModelOutput(
             loss=torch.stack(present).sum() if present else None,
-            loss_lm=loss_lm,
-            loss_itc_text=loss_itc_text,
-            loss_itc_answer=loss_itc_answer,
+            loss_lm=loss_lm, loss_itc_text=loss_itc_text, loss_itc_answer=loss_itc_answer,
             logits=lm_outputs.logits,
             logits_per_image=logits_per_image,
             image_tokens=image_tokens,

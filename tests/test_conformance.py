@@ -12,6 +12,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from modeling_medblip import MedBlipForConditionalGeneration, MedBlipVisionModel
+from processing_medblip import MedBlipProcessor
 
 
 LMS = ["gpt2", "t5"]
@@ -126,6 +127,12 @@ def test_composite_output_holds_every_part(models, lm):
         assert len(lm_out.decoder_hidden_states) == text.num_decoder_layers + 1
         assert lm_out.decoder_attentions[0].shape == (2, text.num_heads, decoder_length, decoder_length)
         assert lm_out.cross_attentions[0].shape == (2, text.num_heads, decoder_length, length)
+    model.train()  # training keeps no cache: it would hold every layer's keys and values with the output
+    try:
+        with torch.no_grad():
+            assert model(**batch).language_model_outputs.cache is None
+    finally:
+        model.eval()
 
 
 @pytest.mark.parametrize("lm", LMS)
@@ -338,7 +345,6 @@ def tiny_processor(minilm_path):
 
     from convert_medblip import build_gpt2_tokenizer
     from image_processing_medblip import MedBlipImageProcessor
-    from processing_medblip import MedBlipProcessor
 
     return MedBlipProcessor(MedBlipImageProcessor(volume_size=(32, 32, 32), patch_size=(8, 8, 8)),
                             build_gpt2_tokenizer(), AutoTokenizer.from_pretrained(minilm_path), num_query_tokens=4)
@@ -364,6 +370,10 @@ def test_processor_decodes_the_answers_without_the_prompt(models, tiny_processor
     assert len(processor.post_process_image_text_to_text(beams, input_ids=batch["input_ids"])) == 4
     with pytest.raises(ValueError, match=f"do not start with the {length}-token prompt given as input_ids"):
         processor.post_process_image_text_to_text(generated[:, length:], input_ids=batch["input_ids"])
+    # an encoder-decoder LM returns decoder tokens only: nothing is dropped
+    seq2seq = MedBlipProcessor(processor.image_processor, processor.tokenizer, processor.qformer_tokenizer,
+                               num_query_tokens=4, is_encoder_decoder=True)
+    assert seq2seq.post_process_image_text_to_text(reference[:, length:], input_ids=batch["input_ids"]) == expected
 
 
 def test_evaluation_predictions_are_the_generated_answers(models, tiny_processor):
