@@ -62,7 +62,7 @@ def _require(module: str) -> Any:
 
 @contextlib.contextmanager
 def _threads(count: int) -> Iterator[None]:
-    """Run SimpleITK filters and torch on at most `count` threads, restoring the previous settings afterwards.
+    """Run SimpleITK, torch and BLAS (threadpoolctl, if installed) on at most `count` threads, then restore.
 
     antspyx reads ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS when it is first imported: set it before `import ants`.
     """
@@ -82,8 +82,16 @@ def _threads(count: int) -> Iterator[None]:
         torch.set_num_threads(count)
     except ImportError:
         pass
+    limits = contextlib.nullcontext()
     try:
-        yield
+        from threadpoolctl import threadpool_limits  # numpy's BLAS (OpenBLAS threads spin and burn CPU)
+
+        limits = threadpool_limits(count)
+    except ImportError:
+        pass
+    try:
+        with limits:
+            yield
     finally:
         for setter, value in restore:
             setter(value)
@@ -101,6 +109,12 @@ def check_scan(data: Any, affine: Any, name: str = "scan") -> tuple[np.ndarray, 
         T1LinearError: not 3D; an axis under 8 voxels; NaN/Inf voxels; a constant volume; an affine that is not a
             finite invertible 4x4 matrix; a foreground under `MIN_FOREGROUND_ML`.
     """
+    array, matrix, _ = _check_scan(data, affine, name)
+    return array, matrix
+
+
+def _check_scan(data: Any, affine: Any, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`check_scan`, also returning the foreground mask it measured."""
     array = np.asarray(data)
     if array.ndim == 4 and 1 in (array.shape[0], array.shape[-1]):
         array = array[0] if array.shape[0] == 1 else array[..., 0]
@@ -119,11 +133,12 @@ def check_scan(data: Any, affine: Any, name: str = "scan") -> tuple[np.ndarray, 
     zooms = np.linalg.norm(matrix[:3, :3], axis=0)
     if abs(np.linalg.det(matrix[:3, :3])) < 1e-6 * max(zooms.prod(), 1e-12) or zooms.min() < 1e-3:
         raise T1LinearError(f"{name} affine is singular (voxel sizes {zooms.round(4).tolist()} mm)")
-    foreground_ml = foreground_mask(array).sum() * zooms.prod() / 1000.0
+    foreground = foreground_mask(array)
+    foreground_ml = foreground.sum() * zooms.prod() / 1000.0
     if foreground_ml < MIN_FOREGROUND_ML:
         raise T1LinearError(f"{name} foreground is {foreground_ml:.1f} ml (< {MIN_FOREGROUND_ML} ml): not a head or "
                             f"brain scan, or the affine is not in mm (voxel sizes {zooms.round(4).tolist()})")
-    return array, matrix
+    return array, matrix, foreground
 
 
 def foreground_mask(data: np.ndarray, fraction: float = 0.1) -> np.ndarray:
@@ -268,6 +283,12 @@ class Template:
 
     def brain_box(self, spacing_mm: float, margin_mm: float) -> tuple[tuple[int, int, int], np.ndarray]:
         """Grid `(shape, affine)` at `spacing_mm` covering the brain mask's bounding box plus `margin_mm`."""
+        key = ("box", float(spacing_mm), float(margin_mm))
+        if key not in self._cache:
+            self._cache[key] = self._brain_box(float(spacing_mm), float(margin_mm))
+        return self._cache[key]
+
+    def _brain_box(self, spacing_mm: float, margin_mm: float) -> tuple[tuple[int, int, int], np.ndarray]:
         index = np.argwhere(self.mask)
         corners = np.stack([index.min(0), index.max(0)]).astype(np.float64)
         world = corners @ self.affine[:3, :3].T + self.affine[:3, 3]
@@ -415,17 +436,17 @@ class PolynomialBiasCorrection:
     def __call__(self, data: np.ndarray, affine: np.ndarray,
                  mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         mask = _fit_mask(data, mask)
-        basis = [np.polynomial.legendre.legvander(np.linspace(-1, 1, n), self.degree).T for n in data.shape]
+        basis = [np.polynomial.legendre.legvander(np.linspace(-1, 1, n), self.degree).T.astype(np.float32)
+                 for n in data.shape]
         index = np.argwhere(mask)
         if len(index) > self.max_samples:
             index = index[np.random.default_rng(self.seed).choice(len(index), self.max_samples, replace=False)]
         design = np.stack([basis[0][i][index[:, 0]] * basis[1][j][index[:, 1]] * basis[2][k][index[:, 2]]
-                           for i, j, k in self.terms], axis=1)
+                           for i, j, k in self.terms], axis=1).astype(np.float64)
         coefficients = self._fit(np.log(data[tuple(index.T)].astype(np.float64)), design)
         log_field = np.zeros(data.shape, dtype=np.float32)
         for c, (i, j, k) in zip(coefficients, self.terms):
-            log_field += np.float32(c) * np.multiply.outer(np.multiply.outer(basis[0][i], basis[1][j]),
-                                                           basis[2][k]).astype(np.float32)
+            log_field += np.multiply.outer(np.float32(c) * np.multiply.outer(basis[0][i], basis[1][j]), basis[2][k])
         bias = np.exp(log_field - np.median(log_field[mask])).astype(np.float32)
         return (data / bias).astype(np.float32), bias
 
@@ -469,7 +490,7 @@ class AffineToTemplate:
 
     The scan keeps its voxel order: its affine (RAS, LAS, LPS, PIR, oblique...) goes to the backend as ITK
     origin/spacing/direction; it is only block-averaged to about `spacing_mm`. The translation is initialised
-    from the centres of mass (first intensity moments) of template and scan. The metric samples the template
+    from the centres of mass (first intensity moments) of template and scan, the rotation by a coarse search. The metric samples the template
     brain mask dilated by `mask_dilation_mm`, so a skull-on scan registers to the skull-stripped template.
 
     Args:
@@ -480,7 +501,12 @@ class AffineToTemplate:
         sampling: fraction of the masked template voxels sampled (random, seeded).
         stages: `("rigid", "affine")` or `("affine",)` (affine alone is not robust to 15 degree rotations).
         mask_dilation_mm: dilation of the template brain mask the metric samples; `None` samples everywhere.
-        backend: `"sitk"` (SimpleITK: regular-step gradient descent, no gradient prefilter) or `"ants"`.
+        rotation_search_deg: before the gradient stages, try the 27 start rotations {-a, 0, +a} about each axis on
+            the coarsest level and keep the best (sitk backend; `None` or 0: off). On 28 scans posed by up to 15
+            degrees per axis, the fast settings without it left 1 scan 4.5 mm off (3 at 50 iterations); with it
+            the worst mean error was 0.37 mm, for ~5% more time.
+        backend: `"sitk"` (SimpleITK: regular-step gradient descent, no gradient prefilter) or `"ants"` (antspyx
+            `antsRegistration` from the centre-of-mass start, as ClinicaDL runs it; no rotation search).
         seed: sampling seed.
 
     `__call__(data, affine, initial=None)` returns a `Registration`; `initial` (4x4, template to scan, RAS)
@@ -490,7 +516,7 @@ class AffineToTemplate:
     def __init__(self, template: Template | None = None, spacing_mm: float = 2.0,
                  shrink_factors: Sequence[int] = (4, 2, 1), iterations: int = 200, sampling: float = 0.25,
                  stages: Sequence[str] = ("rigid", "affine"), mask_dilation_mm: float | None = 6.0,
-                 backend: str = "sitk", seed: int = 1) -> None:
+                 rotation_search_deg: float | None = 12.0, backend: str = "sitk", seed: int = 1) -> None:
         if spacing_mm <= 0:
             raise ValueError(f"spacing_mm must be > 0, got {spacing_mm}")
         if len(shrink_factors) == 0 or min(shrink_factors) < 1:
@@ -503,9 +529,12 @@ class AffineToTemplate:
             raise ValueError(f"stages must be drawn from ('rigid', 'affine'), got {stages!r}")
         if mask_dilation_mm is not None and mask_dilation_mm < 0:
             raise ValueError(f"mask_dilation_mm must be >= 0 or None, got {mask_dilation_mm}")
+        if rotation_search_deg is not None and not 0 <= rotation_search_deg <= 45:
+            raise ValueError(f"rotation_search_deg must be in [0, 45] or None, got {rotation_search_deg}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self._template = template
+        self.rotation_search_deg = rotation_search_deg
         self.spacing_mm, self.shrink_factors = float(spacing_mm), [int(s) for s in shrink_factors]
         self.iterations, self.sampling, self.stages = iterations, float(sampling), tuple(stages)
         self.mask_dilation_mm, self.backend, self.seed = mask_dilation_mm, backend, seed
@@ -536,6 +565,23 @@ class AffineToTemplate:
     def _sigmas(self) -> list[float]:
         return [0.5 * (s - 1) for s in self.shrink_factors]  # Gaussian sigma in voxels of the registration grid
 
+    def _sitk_method(self, sitk: Any, mask_image: Any, shrink_factors: Sequence[int]) -> Any:
+        """A SimpleITK registration method: Mattes MI on a seeded random sample of the (masked) template."""
+        method = sitk.ImageRegistrationMethod()
+        method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+        method.SetMetricSamplingStrategy(method.RANDOM)
+        method.SetMetricSamplingPercentage(self.sampling, self.seed)
+        if mask_image is not None:
+            method.SetMetricFixedMask(mask_image)
+        # central differences instead of a Gaussian-derivative gradient image: half the cost, same result
+        method.SetMetricUseFixedImageGradientFilter(False)
+        method.SetMetricUseMovingImageGradientFilter(False)
+        method.SetInterpolator(sitk.sitkLinear)
+        method.SetShrinkFactorsPerLevel(list(shrink_factors))
+        method.SetSmoothingSigmasPerLevel([0.5 * (s - 1) for s in shrink_factors])  # in voxels of the grid
+        method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+        return method
+
     def _sitk(self, fixed: Template, fixed_mask: np.ndarray | None, moving: np.ndarray, moving_affine: np.ndarray,
               initial: np.ndarray) -> tuple[np.ndarray, float]:
         sitk = _require("SimpleITK")
@@ -543,39 +589,45 @@ class AffineToTemplate:
         mask_image = None if fixed_mask is None else _to_sitk(fixed_mask.astype(np.uint8), fixed.affine)
         matrix, translation = _ras_to_itk(initial)
         centre = _RAS_TO_LPS[:3, :3] @ _centre_of_mass_mm(fixed.data, fixed.affine)
+        translation = translation + matrix @ centre - centre  # ITK form y = A (x - c) + t + c
+        if self.rotation_search_deg:
+            matrix = self._rotation_search(sitk, fixed_image, moving_image, mask_image, matrix, translation, centre)
         metric = float("nan")
         for stage in self.stages:
-            if stage == "rigid":
-                transform = sitk.VersorRigid3DTransform()
-                matrix = _closest_rotation(matrix)
-            else:
-                transform = sitk.AffineTransform(3)
+            transform = sitk.VersorRigid3DTransform() if stage == "rigid" else sitk.AffineTransform(3)
             transform.SetCenter(centre.tolist())
-            transform.SetMatrix(matrix.ravel().tolist())
-            transform.SetTranslation((translation + matrix @ centre - centre).tolist())
-            method = sitk.ImageRegistrationMethod()
-            method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
-            method.SetMetricSamplingStrategy(method.RANDOM)
-            method.SetMetricSamplingPercentage(self.sampling, self.seed)
-            if mask_image is not None:
-                method.SetMetricFixedMask(mask_image)
-            # central differences instead of a Gaussian-derivative gradient image: half the cost, same result
-            method.SetMetricUseFixedImageGradientFilter(False)
-            method.SetMetricUseMovingImageGradientFilter(False)
-            method.SetInterpolator(sitk.sitkLinear)
+            transform.SetMatrix((_closest_rotation(matrix) if stage == "rigid" else matrix).ravel().tolist())
+            transform.SetTranslation(translation.tolist())
+            method = self._sitk_method(sitk, mask_image, self.shrink_factors)
             method.SetOptimizerAsRegularStepGradientDescent(
                 learningRate=1.0, minStep=1e-3, numberOfIterations=self.iterations, relaxationFactor=0.5,
                 gradientMagnitudeTolerance=1e-6)
             method.SetOptimizerScalesFromPhysicalShift()  # steps in mm of displacement, whatever the parameter
-            method.SetShrinkFactorsPerLevel(self.shrink_factors)
-            method.SetSmoothingSigmasPerLevel(self._sigmas())
-            method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
             method.SetInitialTransform(transform, inPlace=True)
             method.Execute(fixed_image, moving_image)
             metric = float(method.GetMetricValue())
             matrix = np.asarray(transform.GetMatrix()).reshape(3, 3)
-            translation = np.asarray(transform.GetTranslation()) + centre - matrix @ centre
-        return _itk_to_ras(matrix, translation, np.zeros(3)), metric
+            translation = np.asarray(transform.GetTranslation())
+        return _itk_to_ras(matrix, translation, centre), metric
+
+    def _rotation_search(self, sitk: Any, fixed_image: Any, moving_image: Any, mask_image: Any, matrix: np.ndarray,
+                         translation: np.ndarray, centre: np.ndarray) -> np.ndarray:
+        """The best of 27 start rotations (0 and +-`rotation_search_deg` about each axis) by the metric on the
+        coarsest level: the gradient stages then start within their capture range."""
+        transform = sitk.Euler3DTransform()
+        transform.SetCenter(centre.tolist())
+        transform.SetMatrix(_closest_rotation(matrix).ravel().tolist())
+        transform.SetTranslation(translation.tolist())
+        method = self._sitk_method(sitk, mask_image, self.shrink_factors[:1])
+        method.SetOptimizerAsExhaustive([1, 1, 1, 0, 0, 0], stepLength=math.radians(self.rotation_search_deg))
+        method.SetOptimizerScales([1.0] * 6)
+        visited: list[tuple[float, tuple[float, ...]]] = []
+        method.AddCommand(sitk.sitkIterationEvent,
+                          lambda: visited.append((method.GetMetricValue(), tuple(method.GetOptimizerPosition()))))
+        method.SetInitialTransform(transform, inPlace=True)
+        method.Execute(fixed_image, moving_image)
+        transform.SetParameters(min(visited)[1])
+        return np.asarray(transform.GetMatrix()).reshape(3, 3)
 
     def _ants(self, fixed: Template, fixed_mask: np.ndarray | None, moving: np.ndarray, moving_affine: np.ndarray,
               initial: np.ndarray) -> tuple[np.ndarray, float]:
@@ -703,7 +755,7 @@ PRESETS: dict[str, dict[str, Any]] = {
              "registration_iterations": 200, "registration_sampling": 0.25, "output_spacing_mm": 1.0},
     # Small scans (64^3, 3-6 mm): polynomial bias fit, template mask, rigid + affine on a 4 mm grid, 2 mm output.
     "fast": {"bias_correction": "polynomial", "brain_extraction": "template", "registration_spacing_mm": 4.0,
-             "registration_shrink_factors": (2, 1), "registration_iterations": 50, "registration_sampling": 0.1,
+             "registration_shrink_factors": (2, 1), "registration_iterations": 100, "registration_sampling": 0.1,
              "output_spacing_mm": 2.0},
 }
 
@@ -718,7 +770,7 @@ class T1LinearConfig:
         n4_fit_spacing_mm, n4_iterations, n4_spline_distance_mm: N4 settings (`BiasFieldCorrection`).
         brain_extraction: `"deepbet"`, `"template"` or `"none"` (scans already skull-stripped).
         registration_spacing_mm, registration_shrink_factors, registration_iterations, registration_sampling,
-            registration_stages: `AffineToTemplate` settings.
+            registration_stages, registration_rotation_search_deg: `AffineToTemplate` settings.
         output_spacing_mm, crop_margin_mm: the output box (`CropToBrainBox`).
         backend: `"sitk"` or `"ants"`, for N4 and registration.
         threads: SimpleITK and torch threads during a call (antspyx: set ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS
@@ -736,6 +788,7 @@ class T1LinearConfig:
     registration_iterations: int = 200
     registration_sampling: float = 0.25
     registration_stages: tuple[str, ...] = ("rigid", "affine")
+    registration_rotation_search_deg: float | None = 12.0
     output_spacing_mm: float = 1.0
     crop_margin_mm: float = 6.0
     backend: str = "sitk"
@@ -806,37 +859,36 @@ class T1Linear:
         self.registration = AffineToTemplate(
             template, config.registration_spacing_mm, config.registration_shrink_factors,
             config.registration_iterations, config.registration_sampling, config.registration_stages,
-            backend=config.backend)
+            rotation_search_deg=config.registration_rotation_search_deg, backend=config.backend)
         self.crop = CropToBrainBox(config.output_spacing_mm, config.crop_margin_mm, template=template)
 
     def __call__(self, data: Any, affine: Any,
                  return_intermediates: bool = False) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        array, matrix = check_scan(data, affine)
+        array, matrix, foreground = _check_scan(data, affine, "scan")
         seconds: dict[str, float] = {}
         steps: list[Intermediate] = [("input", array, matrix, None)]
-        mask = None
+        method, mask, out_mask = self.config.brain_extraction, None, None
         with _threads(self.config.threads):
             if self.bias is not None:
                 with _timer(seconds, "bias_correction"):
-                    array, _ = self.bias(array, matrix)
+                    array, _ = self.bias(array, matrix, foreground)
                 steps.append((f"{self.config.bias_correction} bias correction", array, matrix, None))
-            if self.config.brain_extraction == "deepbet":
+            if method == "deepbet":
                 with _timer(seconds, "brain_extraction"):
                     mask = self.extraction(array, matrix)
                 steps.append(("deepbet brain mask", array * mask, matrix, mask))
             with _timer(seconds, "registration"):
                 registration = self.registration(array if mask is None else array * mask, matrix)
-            if self.config.brain_extraction == "template":
-                with _timer(seconds, "brain_extraction"):
-                    mask = self.extraction(array, matrix, registration.template_to_native)
-                steps.append(("template brain mask", array * mask, matrix, mask))
             with _timer(seconds, "resample_crop"):
-                carried = mask if self.config.brain_extraction == "deepbet" else None
-                output, out_affine, out_mask = self.crop(array, matrix, registration.template_to_native, carried)
-                if self.config.brain_extraction == "template":  # the template mask itself: no interpolation
+                output, out_affine, out_mask = self.crop(array, matrix, registration.template_to_native, mask)
+            if method == "template":  # the template brain mask on the output grid: exact, nothing to interpolate
+                with _timer(seconds, "brain_extraction"):
                     out_mask = self.crop.template.on_grid(output.shape, out_affine)[1]
-                if out_mask is not None:
-                    output *= out_mask
+                if return_intermediates:  # the same mask in the scan, for the figure
+                    mask = self.extraction(array, matrix, registration.template_to_native)
+                    steps.append(("template brain mask", array * mask, matrix, mask))
+            if out_mask is not None:
+                output *= out_mask
         info = self._info(seconds, registration, output, out_affine, mask, matrix)
         if return_intermediates:
             shape, full_affine = self.crop.template.grid_at(self.crop.spacing_mm)
