@@ -236,14 +236,15 @@ def _centre_of_mass_mm(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
 class Template:
     """A reference image on a RAS grid: `data` (X, Y, Z) float32, brain `mask` (bool), 4x4 `affine` (mm).
 
-    `Template.mni152()` is nilearn's MNI152 2009 template (197x233x189, 1 mm, skull-stripped, read from the
-    nilearn wheel without download) and its brain mask (template > 0.2, 1883 ml).
+    `Template.mni152()` is nilearn's MNI152 template, ICBM 2009a nonlinear symmetric (197x233x189, 1 mm,
+    skull-stripped, read from the nilearn wheel without download; ClinicaDL registers to the 2009c symmetric
+    version with skull, which no installable package ships), and its brain mask (template > 0.2, 1883 ml).
     """
 
     data: np.ndarray
     mask: np.ndarray
     affine: np.ndarray
-    name: str = "MNI152NLin2009"
+    name: str = "MNI152NLin2009aSym"
     _cache: dict = field(default_factory=dict, repr=False)
 
     @staticmethod
