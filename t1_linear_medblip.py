@@ -34,6 +34,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+
 logger = logging.getLogger(__name__)
 
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # ITK physical space is LPS, nibabel affines are RAS
@@ -492,8 +493,9 @@ class AffineToTemplate:
 
     The scan keeps its voxel order: its affine (RAS, LAS, LPS, PIR, oblique...) goes to the backend as ITK
     origin/spacing/direction; it is only block-averaged to about `spacing_mm`. The translation is initialised
-    from the centres of mass (first intensity moments) of template and scan, the rotation by a coarse search. The metric samples the template
-    brain mask dilated by `mask_dilation_mm`, so a skull-on scan registers to the skull-stripped template.
+    from the centres of mass (first intensity moments) of template and scan, the rotation by a coarse search. The
+    metric samples the template brain mask dilated by `mask_dilation_mm`, so a skull-on scan registers to the
+    skull-stripped template.
 
     Args:
         template: the fixed image (default `Template.mni152()`).

@@ -20,6 +20,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 t1l = importlib.import_module("t1_linear_medblip")  # from the repository root
@@ -185,8 +186,8 @@ def bench_presets(head, affine, synthetic, with_deepbet):
         errors.append(np.linalg.norm(found[:3, :3] @ points + found[:3, 3:4] - expected[:3, :3] @ points
                                      - expected[:3, 3:4], axis=0))
     errors = np.stack(errors)
-    print(f"preset_fast_64cube_cpu_s_per_scan: {np.median(times):.3f} (median of {len(times)} synthetic scans and posed "
-          f"copies, max {max(times):.3f}; template correlation {min(correlations):.2f}-{max(correlations):.2f}; "
+    print(f"preset_fast_64cube_cpu_s_per_scan: {np.median(times):.3f} (median of {len(times)} synthetic scans and "
+          f"posed copies, max {max(times):.3f}; template correlation {min(correlations):.2f}-{max(correlations):.2f}; "
           f"posed vs known pose: mean {errors.mean():.2f} mm, worst scan mean {errors.mean(1).max():.2f} mm, max "
           f"{errors.max():.2f} mm; 1350 scans on 2 processes ~ {1350 * np.median(times) / 2 / 60:.1f} min)")
     if with_deepbet:
