@@ -14,6 +14,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 
 
 try:
+    from .t1_linear_medblip import T1Linear, T1LinearError
     from .volume_medblip import (
         Compose,
         CropForeground,
@@ -33,6 +34,7 @@ try:
         volume_to_patches,
     )
 except ImportError:
+    from t1_linear_medblip import T1Linear, T1LinearError
     from volume_medblip import (
         Compose,
         CropForeground,
@@ -54,6 +56,37 @@ except ImportError:
 
 
 _OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+# `preprocessing` option -> t1_linear_medblip preset (None: the scan is used as stored)
+PREPROCESSING = {"none": None, "t1-linear": "full", "t1-linear-fast": "fast"}
+
+
+class T1LinearStep:
+    """ClinicaDL-style t1-linear on a loaded one-channel `Volume` (`t1_linear_medblip.T1Linear`): bias-field
+    correction, brain extraction, affine registration to MNI152, crop to the template's brain box. The output is
+    on the template grid (RAS), zero outside the brain.
+
+    Raises:
+        VolumeError: several channels, or a scan the pipeline refuses (the reason is kept).
+    """
+
+    def __init__(self, preset: str = "full") -> None:
+        self.preset = preset
+        self._pipeline = None  # built on first use: loading the template is not free, and workers pickle this
+
+    def __call__(self, volume: Volume) -> Volume:
+        if volume.data.shape[0] != 1:
+            raise VolumeError(f"t1-linear preprocessing takes one channel, got {volume.data.shape[0]}")
+        if self._pipeline is None:
+            self._pipeline = T1Linear(self.preset)
+        data = np.asarray(volume.data[0], dtype=np.float32)
+        try:
+            output, affine, _ = self._pipeline(data, volume.affine)
+        except T1LinearError as err:
+            raise VolumeError(f"t1-linear: {err}") from err
+        return Volume(output[None], affine)
+
+    def __getstate__(self) -> dict:
+        return {"preset": self.preset, "_pipeline": None}
 # Keys that transformers' save/load machinery adds to a saved image-processor dict (not options).
 _BOOKKEEPING_KEYS = {
     "image_processor_type", "auto_map", "processor_class", "feature_extractor_type", "_processor_class",
@@ -96,7 +129,7 @@ def _per_item(value: Any, count: int, shape: tuple[int, ...], name: str) -> list
 class MedBlipImageProcessor(BaseImageProcessor):
     r"""3D MRI processor: file/array -> RAS+ volume at a fixed spacing and size -> flattened 3D patches.
 
-    Steps (each a saved option): read -> reorient (`reorient`) -> float32 + checks -> resample
+    Steps (each a saved option): read -> optional t1-linear (`preprocessing`) -> reorient (`reorient`) -> float32 + checks -> resample
     (`target_spacing`) -> foreground mask and optional crop (`crop_foreground`) -> intensity normalization
     (`normalization`) -> resize (`resize`, `keep_aspect_ratio`) and centred pad/crop to `volume_size` ->
     standardisation (`image_mean`, `image_std`) -> cast (`output_dtype`) -> patches.
@@ -131,6 +164,11 @@ class MedBlipImageProcessor(BaseImageProcessor):
         output_dtype (`str`, defaults to `"float32"`): `"float32"` or `"float16"`.
         max_voxels (`int`, defaults to `512**3`): largest accepted volume (checked on the header before reading,
             and again after resampling).
+        preprocessing (`str`, defaults to `"none"`): `"t1-linear"` runs ClinicaDL-style t1-linear first (N4
+            bias-field correction, deepbet brain extraction, affine registration to MNI152, crop to the brain box;
+            about 12 s per 1 mm scan on one core; for raw T1 scans), `"t1-linear-fast"` a cheaper version of the
+            same (polynomial bias fit, template brain mask, registration on a 4 mm grid; about 0.2 s per 64^3
+            scan), `"none"` uses the scan as stored. See `t1_linear_medblip.py`.
 
     Raises (at call time) `VolumeError`, naming the input: unreadable/truncated/missing file, 2D image, 4D image
     with several volumes and no `volume_index`, empty or constant volume (refused: it has no intensity range),
@@ -150,7 +188,7 @@ class MedBlipImageProcessor(BaseImageProcessor):
     _option_names = (
         "volume_size", "patch_size", "num_channels", "reorient", "target_spacing", "crop_foreground",
         "foreground_threshold", "normalization", "percentiles", "percentile_scope", "resize",
-        "keep_aspect_ratio", "image_mean", "image_std", "output_dtype", "max_voxels",
+        "keep_aspect_ratio", "image_mean", "image_std", "output_dtype", "max_voxels", "preprocessing",
     )
 
     def __init__(
@@ -171,6 +209,7 @@ class MedBlipImageProcessor(BaseImageProcessor):
         image_std: float = 0.5,
         output_dtype: str = "float32",
         max_voxels: int = 512**3,
+        preprocessing: str = "none",
         **kwargs: Any,
     ) -> None:
         unknown = sorted(set(kwargs) - _BOOKKEEPING_KEYS)
@@ -190,6 +229,9 @@ class MedBlipImageProcessor(BaseImageProcessor):
             raise ValueError(f"crop_foreground must be a bool, got {crop_foreground!r}")
         if output_dtype not in _OUTPUT_DTYPES:
             raise ValueError(f"output_dtype must be one of {sorted(_OUTPUT_DTYPES)}, got {output_dtype!r}")
+        if preprocessing not in PREPROCESSING:
+            raise ValueError(f"preprocessing must be one of {sorted(PREPROCESSING)}, got {preprocessing!r}")
+        self.preprocessing = preprocessing
         if not isinstance(max_voxels, int) or isinstance(max_voxels, bool) or max_voxels < 8:
             raise ValueError(f"max_voxels must be an int >= 8, got {max_voxels!r}")
         if not isinstance(percentiles, (list, tuple)) or len(percentiles) != 2:
@@ -211,6 +253,8 @@ class MedBlipImageProcessor(BaseImageProcessor):
 
     def _build_pipeline(self) -> Compose:
         steps: list[Any] = []
+        if self.preprocessing != "none":
+            steps.append(T1LinearStep(PREPROCESSING[self.preprocessing]))
         if self.reorient is not None:
             steps.append(Orient(self.reorient))
         steps.append(ToTensor())

@@ -1,6 +1,7 @@
 """t1_linear_medblip: registration robust to stored orientation, head pose and skull; N4 and the polynomial fit
 remove a known bias field; brain extraction volume; clear errors. Real images: Colin27 (mricron-data), MNI152."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -376,3 +377,36 @@ def test_template_extraction_needs_the_registration():
     data, affine = _cube()
     with pytest.raises(ValueError, match="run AffineToTemplate first"):
         t1l.BrainExtraction("template")(data, affine)
+
+
+@needs_colin
+def test_processor_runs_t1_linear_and_saves_the_setting(tmp_path, colin_3mm):
+    """`MedBlipImageProcessor(preprocessing="t1-linear-fast")`: the setting round-trips through
+    processor_config.json, and a skull-on raw scan (Colin27 at 3 mm, stored LAS) comes out skull-stripped and on
+    the template: it matches the processed MNI152 template far better than without the step."""
+    from image_processing_medblip import MedBlipImageProcessor
+
+    head, _, affine = colin_3mm
+    las, las_affine = reorient(head, affine, ("L", "A", "S"))
+    path = tmp_path / "colin_las.nii.gz"
+    nib.save(nib.Nifti1Image(las, las_affine), str(path))
+    template = t1l.Template.mni152()
+    template_path = tmp_path / "mni.nii.gz"
+    nib.save(nib.Nifti1Image(template.data * template.mask, template.affine), str(template_path))
+    options = dict(volume_size=(32, 32, 32), patch_size=(8, 8, 8), target_spacing=(6.0, 6.0, 6.0))
+    with_step = MedBlipImageProcessor(**options, preprocessing="t1-linear-fast")
+    with_step.save_pretrained(tmp_path / "saved")
+    reloaded = MedBlipImageProcessor.from_pretrained(tmp_path / "saved")
+    assert reloaded.preprocessing == "t1-linear-fast"
+    saved = json.loads((tmp_path / "saved" / "preprocessor_config.json").read_text())
+    assert saved["preprocessing"] == "t1-linear-fast"
+
+    def correlation(processor):
+        scan, reference = (processor(str(p), return_volume=True)["volumes"][0, 0].flatten()
+                           for p in (path, template_path))
+        return float(np.corrcoef(scan.numpy(), reference.numpy())[0, 1])
+
+    raw, processed = correlation(MedBlipImageProcessor(**options)), correlation(reloaded)
+    assert processed > 0.85 and processed > raw + 0.1, (raw, processed)
+    with pytest.raises(ValueError, match="preprocessing must be one of"):
+        MedBlipImageProcessor(preprocessing="t1-nonlinear")
