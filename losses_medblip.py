@@ -13,14 +13,31 @@ def is_distributed() -> bool:
             and torch.distributed.get_world_size() > 1)
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward sums every process's gradient of the gathered rows and keeps this process's own
+    (LAVIS's GatherLayer). Not `torch.distributed.nn.functional.all_gather`: on gloo its backward (an all-to-all)
+    reads non-contiguous gradients, such as those of the text features, in the wrong order."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        gathered = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(gathered, tensor.contiguous())
+        return torch.cat(gathered, dim=0)
+
+    @staticmethod
+    def backward(ctx, gradient: torch.Tensor) -> torch.Tensor:
+        gradient = gradient.contiguous()
+        torch.distributed.all_reduce(gradient)
+        rows = gradient.shape[0] // torch.distributed.get_world_size()
+        return gradient[torch.distributed.get_rank() * rows:(torch.distributed.get_rank() + 1) * rows]
+
+
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Every process's rows, concatenated in rank order, with gradients flowing back to each process's own rows (as
     BLIP-2 does); `tensor` itself outside distributed training. Per-process batches must have equal sizes."""
     if not is_distributed():
         return tensor
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(tensor.contiguous()), dim=0)
+    return _GatherWithGrad.apply(tensor)
 
 
 def gather_token_rows(

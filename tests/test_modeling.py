@@ -476,7 +476,10 @@ def test_contrastive_losses_see_the_global_batch_under_two_processes(tmp_path):
     output = model(**batch)
     (output.loss_itc_text + output.loss_itc_answer).backward()
     checked = ("query_tokens", "temperature", "vision_projection.weight",
-               "vision_model.embeddings.patch_embedding.weight")
+               "vision_model.embeddings.patch_embedding.weight",
+               # the text path: each process's record texts are gathered like its images
+               "text_projection.weight", "embeddings.word_embeddings.weight",
+               "qformer.encoder.layer.0.intermediate.dense.weight")
     parameters = dict(model.named_parameters())
     script = textwrap.dedent(f"""
         import torch, torch.distributed as dist
