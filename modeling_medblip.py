@@ -150,7 +150,22 @@ class MedBlipPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = False  # the Q-Former is kept in fp32, which blocks flash attention dispatch
     _supports_flex_attn = False  # GPT-2 refuses flex attention; on CPU it runs no backward pass
-    _no_split_modules = ["Blip2EncoderLayer", "Blip2QFormerLayer", "MedBlipVisionEmbeddings", "Blip2TextEmbeddings"]
+    # MedBLIP's own blocks; post_init adds the language model's (GPT2Block, T5Block, LlamaDecoderLayer, ...)
+    _no_split_modules = ["MedBlipVisionEmbeddings", "Blip2EncoderLayer", "Blip2TextEmbeddings", "Blip2QFormerLayer"]
+
+    def post_init(self):
+        """transformers' `post_init`, then `_no_split_modules` narrowed to the blocks this model contains.
+
+        transformers merges every child's list, BLIP-2's included (`Blip2VisionEmbeddings`, `T5Block`,
+        `OPTDecoderLayer`, which MedBLIP may not build, and attention modules nested in the blocks). Accelerate's FSDP
+        auto-wrap and `device_map="auto"` read this list; a class the model lacks makes older Accelerate raise.
+        The `_keep_in_fp32_modules` lists need no narrowing: they are merged from the children actually built (a T5
+        LM adds `wo`).
+        """
+        super().post_init()
+        language_model = getattr(self, "language_model", None)
+        wanted = {*type(self)._no_split_modules, *(getattr(language_model, "_no_split_modules", None) or ())}
+        self._no_split_modules = sorted(wanted & {type(module).__name__ for module in self.modules()})
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -239,6 +254,9 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
     _keep_in_fp32_modules_strict = ["query_tokens", "qformer"]
     # forward checks the `<image>` counts and de-duplicates answers (torch.unique): data-dependent, graph breaks
     _can_compile_fullgraph = False
+    # entry points besides `forward` that read parameters: under FSDP2 each must gather them (see
+    # `torch.distributed.fsdp.register_fsdp_forward_method`)
+    _fsdp_forward_methods = ("generate", "score_candidates", "get_query_cross_attentions")
 
     def __init__(self, config: MedBlipConfig):
         super().__init__(config)
@@ -249,7 +267,8 @@ class MedBlipForConditionalGeneration(MedBlipPreTrainedModel, GenerationMixin):
         self.qformer = Blip2QFormerModel._from_config(config.qformer_config)
         self.vision_projection = nn.Linear(qformer_width, config.image_text_hidden_size)
         self.text_projection = nn.Linear(qformer_width, config.image_text_hidden_size)
-        self.temperature = nn.Parameter(torch.tensor(config.itc_temperature_init))
+        # shape (1,), not (): FSDP2 (`fully_shard`) refuses scalar parameters
+        self.temperature = nn.Parameter(torch.tensor([config.itc_temperature_init]))
         self.language_projection = nn.Linear(qformer_width, config.text_config.hidden_size)
         if config.use_decoder_only_language_model:
             self.language_model = AutoModelForCausalLM.from_config(config.text_config)

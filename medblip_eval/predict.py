@@ -8,6 +8,8 @@ from pathlib import Path
 import evaluate
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 from labels_medblip import normalize_diagnosis
 from medblip_data.baselines import reference_baselines as baselines_of
@@ -42,15 +44,47 @@ def class_labels(config) -> list[str]:
     return [config.id2label[index] for index in sorted(config.id2label)]
 
 
+def batches_of_this_process(num_rows: int, batch_size: int, distributed: bool, sharded: bool) -> list[tuple[int, bool]]:
+    """`(first row, keep)` of each batch this process evaluates; `keep=False`: a batch run only to keep in step.
+
+    Alone: every batch. Distributed: batches rank, rank + world, ... of the single-process batching, so that each
+    batch holds the same rows and gives the same numbers. A sharded (FSDP) model gathers its parameters in every
+    call, so there every process runs as many batches: one with fewer repeats batch 0 and discards the result.
+    """
+    starts = list(range(0, num_rows, batch_size))
+    if not distributed:
+        return [(start, True) for start in starts]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = [(start, True) for start in starts[rank::world]]
+    padding = -(-len(starts) // world) - len(mine) if sharded else 0
+    return mine + [(0, False)] * padding
+
+
+def _gather_batches(batches: list[tuple], distributed: bool) -> list[tuple]:
+    """Every process's `(first row, probabilities, generated)` batches, in row order."""
+    if distributed:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, batches)
+        batches = [batch for part in gathered for batch in part]
+    return sorted(batches, key=lambda batch: batch[0])
+
+
 @torch.no_grad()
 def predict(model, processor, dataset, record_fields, mode, batch_size, max_new_tokens, device,
-            generate: bool = True) -> dict:
+            generate: bool = True, distributed: bool = False) -> dict:
     """Per-volume predictions of one input mode: class probabilities (likelihood) and, with `generate`, generated
-    answers (else an empty list)."""
+    answers (else an empty list).
+
+    `distributed=True`: every process of the `torch.distributed` group calls this on the same dataset, evaluates
+    its share of the batches and receives everyone's predictions, equal to those of a single-process run.
+    """
+    distributed = distributed and dist.is_initialized() and dist.get_world_size() > 1
+    sharded = isinstance(model, FSDPModule)
+    labels = class_labels(model.config)
     collate = make_collate(processor, record_fields, mode=mode, labels=False)
-    candidates = processor.candidate_inputs(class_labels(model.config)).to(device)
-    probabilities, generated = [], []
-    for start in range(0, len(dataset), batch_size):
+    candidates = processor.candidate_inputs(labels).to(device)
+    batches = []
+    for start, keep in batches_of_this_process(len(dataset), batch_size, distributed, sharded):
         rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         batch = {k: v.to(device) for k, v in collate(rows).items() if k in processor.model_input_names}
         scores = model.score_candidates(
@@ -58,17 +92,22 @@ def predict(model, processor, dataset, record_fields, mode, batch_size, max_new_
             attention_mask=batch["attention_mask"], candidate_attention_mask=candidates["candidate_attention_mask"],
             patch_grid=batch.get("patch_grid"),
         )
-        probabilities.append(torch.softmax(scores.float(), dim=-1).cpu())
-        if generate:
-            tokens = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
-            generated += processor.post_process_image_text_to_text(tokens, input_ids=batch["input_ids"])  # answers
-    return {"probabilities": torch.cat(probabilities).numpy(), "generated": generated}
+        answers = []
+        if generate:  # synced_gpus: a sharded LM needs every process in each decoding step until all have finished
+            tokens = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                    synced_gpus=sharded and distributed)
+            answers = processor.post_process_image_text_to_text(tokens, input_ids=batch["input_ids"])
+        if keep:
+            batches.append((start, torch.softmax(scores.float(), dim=-1).cpu().numpy(), answers))
+    batches = _gather_batches(batches, distributed)
+    return {"probabilities": np.concatenate([b[1] for b in batches]) if batches else np.zeros((0, len(labels))),
+            "generated": [answer for b in batches for answer in b[2]]}
 
 
 def evaluate_dataset(model, processor, dataset, record_fields, batch_size, max_new_tokens, device, metric,
-                     modes: tuple[str, ...] = MODES, decoders: tuple[str, ...] = DECODERS):
+                     modes: tuple[str, ...] = MODES, decoders: tuple[str, ...] = DECODERS, distributed: bool = False):
     """`{decoder: {mode: {"all" | dataset name: metrics}}}` and the per-volume predictions, for the given input
-    modes and decoders (validation during training needs one of each)."""
+    modes and decoders (validation during training needs one of each); `distributed`: see `predict`."""
     labels = class_labels(model.config)
     truth = np.array([labels.index(normalize_diagnosis(d)) for d in dataset["diagnosis"]])
     cohorts = np.array(dataset["dataset"])
@@ -78,7 +117,7 @@ def evaluate_dataset(model, processor, dataset, record_fields, batch_size, max_n
     predictions = []
     for mode in modes:
         output = predict(model, processor, dataset, record_fields, mode, batch_size, max_new_tokens, device,
-                         generate="generate" in decoders)
+                         generate="generate" in decoders, distributed=distributed)
         per_decoder = {"likelihood": (output["probabilities"].argmax(1), output["probabilities"])}
         if "generate" in decoders:
             mapped = processor.post_process_generation(output["generated"])
