@@ -8,6 +8,7 @@ offline GPT-2 tokenizer. Used by `train.py`; a saved Hub folder does not need th
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import AddedToken, AutoModel, Blip2ForConditionalGeneration, GPT2Tokenizer
+from transformers import AddedToken, AutoModel, Blip2Config, Blip2ForConditionalGeneration, GPT2Tokenizer
 
 from configuration_medblip import MedBlipConfig
 from modeling_medblip import MedBlipForConditionalGeneration
@@ -154,6 +155,40 @@ def medblip_config_from_blip2(blip2_config, volume_size=(224, 224, 224), depth_p
     )
 
 
+# The public configurations of the two BLIP-2 checkpoints MedBLIP starts from (Hub config.json files), so that shapes
+# and memory can be checked without downloading: EVA ViT-g (39 x 1408, 16 heads, MLP 6144, 14-pixel patches at 224),
+# the BERT-base Q-Former (12 x 768, cross-attention every 2nd layer, 32 queries), and the language model. OPT's
+# 50272-token vocabulary is 50304 in the Hub config since `<image>` (50265) was added.
+_EVA_VIT_G_2D = {"hidden_size": 1408, "num_hidden_layers": 39, "num_attention_heads": 16, "intermediate_size": 6144,
+                 "image_size": 224, "patch_size": 14, "qkv_bias": True, "layer_norm_eps": 1e-6}
+_QFORMER_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
+                 "cross_attention_frequency": 2, "encoder_hidden_size": 1408, "vocab_size": 30522}
+BLIP2_PUBLIC_CONFIGS = {
+    "Salesforce/blip2-opt-2.7b": {
+        "vision_config": _EVA_VIT_G_2D, "qformer_config": _QFORMER_BASE, "num_query_tokens": 32,
+        "image_token_index": 50265,
+        "text_config": {"model_type": "opt", "hidden_size": 2560, "num_hidden_layers": 32, "num_attention_heads": 32,
+                        "ffn_dim": 10240, "vocab_size": 50304, "word_embed_proj_dim": 2560,
+                        "max_position_embeddings": 2048, "eos_token_id": 50118},
+    },
+    "Salesforce/blip2-flan-t5-xl": {
+        "vision_config": _EVA_VIT_G_2D, "qformer_config": _QFORMER_BASE, "num_query_tokens": 32,
+        "image_token_index": 32100,
+        "text_config": {"model_type": "t5", "d_model": 2048, "d_ff": 5120, "num_layers": 24, "num_decoder_layers": 24,
+                        "num_heads": 32, "d_kv": 64, "vocab_size": 32128, "feed_forward_proj": "gated-gelu",
+                        "tie_word_embeddings": False, "decoder_start_token_id": 0, "pad_token_id": 0,
+                        "eos_token_id": 1},
+    },
+}
+
+
+def blip2_public_config(name: str) -> Blip2Config:
+    """The `Blip2Config` of `Salesforce/blip2-opt-2.7b` or `Salesforce/blip2-flan-t5-xl`, built offline."""
+    if name not in BLIP2_PUBLIC_CONFIGS:
+        raise ValueError(f"no public BLIP-2 configuration for {name!r}; known: {sorted(BLIP2_PUBLIC_CONFIGS)}")
+    return Blip2Config(**copy.deepcopy(BLIP2_PUBLIC_CONFIGS[name]))
+
+
 _TEXT_FFN = re.compile(r"qformer\.encoder\.layer\.\d+\.(intermediate|output)\.")
 
 
@@ -222,6 +257,8 @@ def from_blip2_pretrained(name_or_path: str, text_model: str | None = None,
 
 
 __all__ = [
+    "BLIP2_PUBLIC_CONFIGS",
+    "blip2_public_config",
     "build_gpt2_tokenizer",
     "bundled_minilm",
     "convert_blip2_state_dict",

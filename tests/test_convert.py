@@ -1,5 +1,7 @@
 """Starting MedBLIP from other checkpoints: real MiniLM into the Q-Former, a BLIP-2 checkpoint into the whole model."""
 
+import re
+
 import pytest
 import torch
 from test_modeling import build, tiny_config
@@ -104,3 +106,74 @@ def test_gpt2_tokenizer_is_the_real_bpe():
     assert gpt2_tokenizer.eos_token_id == 50256 and gpt2_tokenizer.pad_token_id == 50258
     assert len(gpt2_tokenizer) == 50259 and gpt2_tokenizer.padding_side == "left"
     assert gpt2_tokenizer.encode("<image><image>x", add_special_tokens=False)[:2] == [50257, 50257]
+
+
+# The public figures of the two BLIP-2 checkpoints (model cards, config.json), written out independently of
+# convert_medblip.BLIP2_PUBLIC_CONFIGS: tensor name -> shape.
+_EVA_VIT_G_SHAPES = {
+    "vision_model.embeddings.patch_embedding.weight": (1408, 3, 14, 14),  # 14-pixel patches
+    "vision_model.embeddings.position_embedding": (1, 1 + (224 // 14) ** 2, 1408),  # at 224 pixels
+    "vision_model.encoder.layers.38.mlp.fc1.weight": (6144, 1408),  # 39 layers, MLP 6144
+    "vision_model.encoder.layers.38.self_attn.qkv.weight": (3 * 1408, 1408),
+    "query_tokens": (1, 32, 768),  # 32 queries, 768 wide
+    "qformer.encoder.layer.11.attention.attention.query.weight": (768, 768),  # 12 layers
+    "qformer.encoder.layer.10.crossattention.attention.key.weight": (768, 1408),  # every 2nd layer
+}
+_LANGUAGE_MODEL_SHAPES = {
+    "Salesforce/blip2-flan-t5-xl": {
+        "language_model.shared.weight": (32128, 2048),
+        "language_model.encoder.block.23.layer.1.DenseReluDense.wi_0.weight": (5120, 2048),
+        "language_model.decoder.block.23.layer.1.EncDecAttention.q.weight": (32 * 64, 2048),
+        "language_model.lm_head.weight": (32128, 2048),
+        "language_projection.weight": (2048, 768),
+    },
+    "Salesforce/blip2-opt-2.7b": {
+        "language_model.model.decoder.embed_tokens.weight": (50304, 2560),
+        "language_model.model.decoder.layers.31.fc1.weight": (10240, 2560),
+        "language_model.model.decoder.layers.31.self_attn.q_proj.weight": (2560, 2560),
+        "language_projection.weight": (2560, 768),
+    },
+}
+
+
+def _meta(model_class, config):
+    with torch.device("meta"):
+        return model_class(config)
+
+
+@pytest.mark.parametrize("blip2_name, preset, same_language_model", [
+    ("Salesforce/blip2-flan-t5-xl", "paper", True),  # the paper preset's LM is FLAN-T5-XL
+    ("Salesforce/blip2-opt-2.7b", "paper-biomedlm", False),  # BioMedLM is not OPT: the LM is not copied
+])
+def test_public_blip2_checkpoints_cover_the_paper_presets_at_real_shapes(blip2_name, preset, same_language_model):
+    """On the meta device (no download, no memory): the public BLIP-2 configuration builds the published shapes, and
+    convert_blip2_state_dict fills every ViT and Q-Former tensor of the MedBLIP paper preset (32^3 patches on a 7^3
+    grid) and of MedBLIP as from_blip2_pretrained configures it (14^3 patches on 16^3) with the right shape, the 2D
+    patch embedding and positions inflated; only the Q-Former's text FFN, which BLIP-2 lacks, is left (it starts from
+    the query FFN)."""
+    from transformers import Blip2ForConditionalGeneration
+
+    from convert_medblip import blip2_public_config, convert_blip2_state_dict, medblip_config_from_blip2
+
+    blip2_config = blip2_public_config(blip2_name)
+    blip2 = _meta(Blip2ForConditionalGeneration, blip2_config).state_dict()
+    for name, shape in {**_EVA_VIT_G_SHAPES, **_LANGUAGE_MODEL_SHAPES[blip2_name]}.items():
+        assert tuple(blip2[name].shape) == shape, name
+    assert not any(k.startswith(("vision_model.encoder.layers.39.", "qformer.encoder.layer.12.")) for k in blip2)
+    assert not any(k.startswith("qformer.encoder.layer.1.crossattention") for k in blip2)
+    for config, keep_language_model in [(MedBlipConfig.from_preset(preset), same_language_model),
+                                        (medblip_config_from_blip2(blip2_config), True)]:
+        target = _meta(MedBlipForConditionalGeneration, config).state_dict()
+        vision = config.vision_config
+        converted = convert_blip2_state_dict(blip2, target, vision.patch_size, vision.grid_size, keep_language_model)
+        assert all(tuple(converted[n].shape) == tuple(target[n].shape) for n in converted)
+        bridge = [n for n in target if n.startswith(("vision_model.", "qformer.", "query_tokens"))]
+        text_ffn = [n for n in bridge if re.match(r"qformer\.encoder\.layer\.\d+\.(intermediate|output)\.", n)]
+        assert sorted(set(bridge) - set(converted)) == sorted(text_ffn)
+        assert len(text_ffn) == 12 * 6  # per layer: two dense weights and biases, a LayerNorm weight and bias
+        side = vision.patch_size[0]
+        assert tuple(converted["vision_model.embeddings.patch_embedding.weight"].shape) == (1408, side**3)
+        assert tuple(converted["vision_model.embeddings.position_embedding"].shape) == (1, 1 + (224 // side) ** 3,
+                                                                                         1408)
+        language_model = {n for n in target if n.startswith(("language_model.", "language_projection."))}
+        assert set(converted) & language_model == (language_model if keep_language_model else set())
