@@ -203,7 +203,7 @@ def test_meta_device_init_then_init_weights_is_finite():
     model.init_weights()
     for name, parameter in model.named_parameters():
         assert torch.isfinite(parameter).all(), name
-    torch.testing.assert_close(model.temperature.detach(), torch.tensor(config.itc_temperature_init))
+    torch.testing.assert_close(model.temperature.detach(), torch.tensor([config.itc_temperature_init]))
     positions = model.embeddings.position_ids
     torch.testing.assert_close(positions, torch.arange(positions.shape[-1]).expand(1, -1))
     assert model.query_tokens.std() > 0
