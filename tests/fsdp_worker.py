@@ -60,8 +60,9 @@ def gathered(value):
 
 
 def evaluate(model, batch: dict, candidates: torch.Tensor, work: Path, rank: int) -> dict:
-    """`score_candidates` and `generate` on this process's rows, and (GPT-2 only) a distributed `predict` of 5 rows
-    in batches of 2 (3 batches: this process's share, plus a repeated batch to keep in step)."""
+    """`score_candidates`, `generate` and `get_query_cross_attentions` on this process's rows, and (GPT-2 only) a
+    distributed `predict` of 5 rows in batches of 2 (3 batches: this process's share, plus a repeated batch to keep
+    in step)."""
     decoder_only = model.config.use_decoder_only_language_model
     model.eval()
     prompt_ids, prompt_mask = prompt_of(batch, decoder_only)
@@ -70,7 +71,9 @@ def evaluate(model, batch: dict, candidates: torch.Tensor, work: Path, rank: int
                                         attention_mask=prompt_mask)
         tokens = model.generate(pixel_values=batch["pixel_values"], input_ids=prompt_ids, attention_mask=prompt_mask,
                                 max_new_tokens=4, do_sample=False, num_beams=1, synced_gpus=True)
-    report = {"scores": gathered(scores.tolist()), "tokens": gathered(tokens.tolist())}
+        attention = model.get_query_cross_attentions(batch["pixel_values"])
+    report = {"scores": gathered(scores.tolist()), "tokens": gathered(tokens.tolist()),
+              "attention": gathered(attention.tolist())}
     if decoder_only:
         processor = MedBlipProcessor.from_pretrained(work / "processor")
         scored, registered = [], model.score_candidates

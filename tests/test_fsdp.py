@@ -157,8 +157,8 @@ def test_fsdp_two_processes_train_checkpoint_export_and_evaluate_like_one(lm, tm
     """torchrun, 2 CPU processes, Accelerate's FSDP2 settings of configs/accelerate_fsdp.yaml:
     - every parameter, frozen ViT and LM included, is a DTensor split between the processes; the optimizer holds
       exactly the trainable ones;
-    - score_candidates, generate and a distributed predict (5 volumes in 3 batches: no process scores them all)
-      give the single-process results;
+    - score_candidates, generate, get_query_cross_attentions and a distributed predict (5 volumes in 3 batches: no
+      process scores them all) give the single-process results;
     - losses and gradients of 3 training steps equal one process on the whole batch;
     - the sharded checkpoint (one file per process) resumes to the same next step, bit for bit;
     - the exported folder holds full safetensors weights that AutoModel (remote code) loads."""
@@ -210,8 +210,10 @@ def test_fsdp_two_processes_train_checkpoint_export_and_evaluate_like_one(lm, tm
                                         attention_mask=prompt_mask)
         tokens = model.generate(pixel_values=batch["pixel_values"], input_ids=prompt_ids, attention_mask=prompt_mask,
                                 max_new_tokens=4, do_sample=False, num_beams=1)
+        attention = model.get_query_cross_attentions(batch["pixel_values"])
     evaluation = reports[0]["eval"]
     torch.testing.assert_close(torch.tensor(sum(evaluation["scores"], [])), scores, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.tensor(sum(evaluation["attention"], [])), attention, atol=1e-6, rtol=1e-5)
     assert sum(evaluation["tokens"], []) == tokens.tolist()
     if lm == "gpt2":
         expected = predict(model, processor, fsdp_worker.predict_rows(), fsdp_worker.RECORD_FIELDS, "image_text",
