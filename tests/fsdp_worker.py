@@ -4,7 +4,7 @@ Accelerate's FSDP settings in the environment (ACCELERATE_USE_FSDP=true, FSDP_VE
 Loads the tiny model saved in FOLDER, prepares it with the optimizer through Accelerate (FSDP2 over gloo), and
 writes to WORK what the test compares with a single-process run: the sharding and the optimizer's parameters,
 `score_candidates` / `generate` / `medblip_eval.predict` under FSDP, three training steps on this process's half of
-the batch (losses, gradients, weights), a sharded checkpoint and the step after resuming from it, and the full model
+the batch (losses, gradients, weights), a checkpoint and the step after resuming from it, and the full model
 exported by `exportable_model`.
 """
 
@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
 from medblip_eval import predict  # noqa: E402
-from medblip_train.checkpoints import TrainState, resume, save_checkpoint  # noqa: E402
+from medblip_train.checkpoints import Checkpoints, TrainState  # noqa: E402
 from medblip_train.distributed import (  # noqa: E402
     exportable_model,
     is_sharded,
@@ -110,7 +110,8 @@ def main(folder: str, work: str) -> None:
     accelerator = make_accelerator()
     rank = accelerator.process_index
     model = MedBlipForConditionalGeneration.from_pretrained(folder)
-    optimizer = torch.optim.AdamW(train.optimizer_groups(model, 1e-4, 1e-3, 1e-3))
+    optimizer = train.build_optimizer(train.optimizer_groups(model, 1e-4, 1e-3, 1e-3))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     model, optimizer = prepare(accelerator, model, optimizer)
     parameters = dict(model.named_parameters())
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -129,12 +130,14 @@ def main(folder: str, work: str) -> None:
     losses = [loss, train_step(accelerator, model, optimizer, batch)[0]]
     state = TrainState()
     state.step = 2
-    accelerator.register_for_checkpointing(state)
-    checkpoint = save_checkpoint(accelerator, str(work / "run"), 2, keep_last=1)
+    checkpoints = Checkpoints(accelerator, model, optimizer, scheduler, state, {"run_id": "fsdp-test"},
+                              str(work / "run"), keep_last=1)
+    after_step_2 = trainable_weights(model)
+    checkpoint = checkpoints.save()
     losses.append(train_step(accelerator, model, optimizer, batch)[0])
     after_step_3 = trainable_weights(model)
     state.step = 0
-    resume(accelerator, str(work / "run"), "latest", state)
+    checkpoints.resume("latest")
     report.update(losses=losses, resumed_step=state.step, checkpoint=str(checkpoint),
                   resumed_loss=train_step(accelerator, model, optimizer, batch)[0])
     resumed_step_3 = trainable_weights(model)
@@ -143,6 +146,7 @@ def main(folder: str, work: str) -> None:
     if rank == 0:
         export.save_pretrained(work / "export")
         save_file({k: v.contiguous() for k, v in first_gradients.items()}, work / "gradients_step_1.safetensors")
+        save_file(after_step_2, work / "weights_step_2.safetensors")
         save_file(after_step_3, work / "weights_step_3.safetensors")
         save_file(resumed_step_3, work / "weights_step_3_resumed.safetensors")
     accelerator.wait_for_everyone()
