@@ -129,9 +129,9 @@ def _per_item(value: Any, count: int, shape: tuple[int, ...], name: str) -> list
 class MedBlipImageProcessor(BaseImageProcessor):
     r"""3D MRI processor: file/array -> RAS+ volume at a fixed spacing and size -> flattened 3D patches.
 
-    Steps (each a saved option): read -> optional t1-linear (`preprocessing`) -> reorient (`reorient`) -> float32 + checks -> resample
-    (`target_spacing`) -> foreground mask and optional crop (`crop_foreground`) -> intensity normalization
-    (`normalization`) -> resize (`resize`, `keep_aspect_ratio`) and centred pad/crop to `volume_size` ->
+    Steps (each a saved option): read -> optional t1-linear (`preprocessing`) -> reorient (`reorient`) -> float32 +
+    checks -> resample (`target_spacing`) -> foreground mask and optional crop (`crop_foreground`) -> intensity
+    normalization (`normalization`) -> resize (`resize`, `keep_aspect_ratio`) and centred pad/crop to `volume_size` ->
     standardisation (`image_mean`, `image_std`) -> cast (`output_dtype`) -> patches.
 
     Data contract: the processed volume is `(num_channels, D, H, W)` with `D, H, W = volume_size` and axes in
