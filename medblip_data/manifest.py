@@ -38,7 +38,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from labels_medblip import DIAGNOSIS_LABELS, is_missing, normalize_diagnosis, normalize_sex
+from labels_medblip import DIAGNOSIS_LABELS, is_missing, normalize_diagnosis, normalize_sex, record_number
 
 
 logger = logging.getLogger(__name__)
@@ -86,7 +86,11 @@ def _coerce(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
             rows = (np.flatnonzero(bad.to_numpy()) + 2).tolist()[:5]
             raise ManifestError(f"{path}: column {column!r} has non-numeric values at rows {rows}")
         frame[column] = values.astype(float)
-    frame["sex"] = [None if s is None else normalize_sex(s) or s for s in frame["sex"]]
+        _check_range(frame[column], column, path)
+    bad_sex = [row + 2 for row, s in enumerate(frame["sex"]) if not is_missing(s) and normalize_sex(s) is None]
+    if bad_sex:
+        raise ManifestError(f"{path}: column 'sex' is neither F/M nor female/male at rows {bad_sex[:5]}")
+    frame["sex"] = [None if is_missing(s) else normalize_sex(s) for s in frame["sex"]]
     return frame
 
 
@@ -115,6 +119,21 @@ def refuse_repeated_images(frame: pd.DataFrame, rows: Sequence[str], where: str)
     if problems:
         raise ManifestError(f"{where}: {len(problems)} image file(s) listed more than once: "
                             + "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else ""))
+
+
+def _check_range(values: pd.Series, column: str, path: Path) -> None:
+    """Refuse values a health record may not hold (labels_medblip.record_number), naming the rows: caught here,
+    not at the first training batch that renders them."""
+    bad = []
+    for row, value in enumerate(values):
+        try:
+            if not math.isnan(value):
+                record_number(value, column)
+        except ValueError as err:
+            bad.append((row + 2, err))
+    if bad:
+        raise ManifestError(f"{path}: column {column!r} is out of range at rows {[r for r, _ in bad][:5]} "
+                            f"(first: {bad[0][1]})")
 
 
 def read_manifest(path: str | Path) -> pd.DataFrame:

@@ -75,6 +75,23 @@ def test_manifest_errors_name_file_and_column(tmp_path):
         read_manifest(tmp_path / "missing.csv")
 
 
+@pytest.mark.parametrize("column, values, message", [
+    ("mmse", [29, 99, 28, -1], r"column 'mmse' is out of range at rows \[3, 5\] \(first: record field 'mmse' must lie "
+                               r"in 0-30, got 99\.0\)"),
+    ("apoe4", [0, 1, 7, 2], r"column 'apoe4' is out of range at rows \[4\] \(first: .* got 7\.0\)"),
+    ("cdr", [0, 0.5, 0.7, None], r"column 'cdr' is out of range at rows \[4\] \(first: record field 'cdr' must be one"),
+    ("age", [-5, 70, 71, 72], r"column 'age' is out of range at rows \[2\]"),
+    ("sex", ["F", "m", "x", None], r"column 'sex' is neither F/M nor female/male at rows \[4\]"),
+])
+def test_records_altered_silently_manifest_values_out_of_range_name_the_rows(tmp_path, column, values, message):
+    """Issue 12, case 9: a record value no health record may hold is refused when the manifest is read."""
+    path = tmp_path / "m.csv"
+    pd.DataFrame({"subject_id": list("abcd"), "image_path": list("wxyz"), "diagnosis": ["CN"] * 4,
+                  "dataset": ["D"] * 4, column: values}).to_csv(path, index=False)
+    with pytest.raises(ManifestError, match=rf"m\.csv: {message}"):
+        read_manifest(path)
+
+
 def test_unknown_label_names_file_and_subject(tmp_path):
     path = tmp_path / "m.csv"
     pd.DataFrame({"subject_id": ["s1"], "image_path": ["x"], "diagnosis": ["Converted"],

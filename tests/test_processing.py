@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from transformers import AutoTokenizer
 
 from convert_medblip import build_gpt2_tokenizer
 from image_processing_medblip import MedBlipImageProcessor
-from labels_medblip import DEFAULT_ANSWER_TEXTS, render_record
+from labels_medblip import DEFAULT_ANSWER_TEXTS, DEFAULT_RECORD_FIELDS, RECORD_FIELDS, render_record
 from processing_medblip import MedBlipProcessor
 
 
@@ -33,7 +34,7 @@ def processor(gpt2_tokenizer, minilm_path):
     image_processor = MedBlipImageProcessor(volume_size=(16, 16, 16), patch_size=(8, 8, 8))
     qformer_tokenizer = AutoTokenizer.from_pretrained(minilm_path)
     return MedBlipProcessor(image_processor, gpt2_tokenizer, qformer_tokenizer, num_query_tokens=NUM_QUERY,
-                            max_length=96)
+                            max_length=96, record_fields=RECORD_FIELDS)
 
 
 def _volume():
@@ -54,7 +55,7 @@ def _volume():
 
 def test_inference_prompt_has_image_tokens_and_no_diagnosis(processor, gpt2_tokenizer):
     record = {**RECORD, "diagnosis": "AD", "label": "Dementia"}
-    batch = processor(images=[_volume()], spacing=(1.0, 1.0, 1.0), records=[record])
+    batch = processor(images=[_volume()], affine=np.eye(4), records=[record])
     assert "labels" not in batch and "qformer_answer_input_ids" not in batch
     ids = batch["input_ids"][0]
     assert int((ids == 50257).sum()) == NUM_QUERY
@@ -95,7 +96,7 @@ def test_qformer_records_feed_the_qformer_text_and_records_the_prompt(processor,
 
 def test_training_labels_supervise_only_answer_and_eos(processor, gpt2_tokenizer):
     records = [RECORD, None, {"age": 60, "notes": "Long notes. " * 5}]
-    batch = processor(images=[_volume()] * 3, spacing=(1.0, 1.0, 1.0), records=records, diagnoses=["AD", "NC", "EMCI"])
+    batch = processor(images=[_volume()] * 3, affine=np.eye(4), records=records, diagnoses=["AD", "NC", "EMCI"])
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     assert ids.shape == mask.shape == labels.shape
     assert (mask[:, -1] == 1).all() and (mask[1, 0] == 0)  # left padding
@@ -118,14 +119,15 @@ def test_training_labels_supervise_only_answer_and_eos(processor, gpt2_tokenizer
 def test_max_length_truncates_the_record_only(gpt2_tokenizer, minilm_path):
     qformer_tokenizer = AutoTokenizer.from_pretrained(minilm_path)
     image_processor = MedBlipImageProcessor(volume_size=(16, 16, 16), patch_size=(8, 8, 8))
-    short = MedBlipProcessor(image_processor, gpt2_tokenizer, qformer_tokenizer, num_query_tokens=8, max_length=40)
-    batch = short(images=_volume(), spacing=(1.0, 1.0, 1.0), records={"notes": "word " * 200}, diagnoses="AD")
+    short = MedBlipProcessor(image_processor, gpt2_tokenizer, qformer_tokenizer, num_query_tokens=8, max_length=40,
+                             record_fields=["notes"])
+    batch = short(images=_volume(), affine=np.eye(4), records={"notes": "word " * 200}, diagnoses="AD")
     assert batch["input_ids"].shape[1] == 40 and int((batch["input_ids"] == 50257).sum()) == 8
     text = gpt2_tokenizer.decode(batch["input_ids"][0])
     assert text.endswith(" Question: What will this subject be diagnosed with? Answer: Dementia<|endoftext|>")
     tiny = MedBlipProcessor(image_processor, gpt2_tokenizer, qformer_tokenizer, num_query_tokens=8, max_length=12)
     with pytest.raises(ValueError, match="max_length=12 cannot hold the prompt"):
-        tiny(records=None, images=_volume(), spacing=(1.0, 1.0, 1.0))
+        tiny(records=None, images=_volume(), affine=np.eye(4))
 
 
 def test_encoder_decoder_labels_are_the_answer(gpt2_tokenizer, minilm_path):
@@ -154,10 +156,10 @@ def test_candidate_inputs(processor, gpt2_tokenizer):
 
 def test_batch_size_mismatch_and_model_input_names(processor):
     with pytest.raises(ValueError, match="records has 1 entries for a batch of 2"):
-        processor(images=[_volume(), _volume()], spacing=(1, 1, 1), records=[RECORD])
+        processor(images=[_volume(), _volume()], affine=np.eye(4), records=[RECORD])
     with pytest.raises(ValueError, match="unknown diagnosis label 'Converted'"):
         processor(records=[RECORD], diagnoses=["Converted"])
-    batch = processor(images=[_volume()], spacing=(1, 1, 1), records=[RECORD], diagnoses=["AD"])
+    batch = processor(images=[_volume()], affine=np.eye(4), records=[RECORD], diagnoses=["AD"])
     # what inference passes; the training-only outputs for the losses are left out
     assert processor.model_input_names == ["input_ids", "attention_mask", "pixel_values", "patch_grid"]
     assert set(batch) - set(processor.model_input_names) == {
@@ -186,6 +188,7 @@ def test_answers_and_post_processing(processor):
         (dict(answer_texts={"CN": "same", "MCI": "Same.", "AD": "x"}), "distinct"),
         (dict(max_length=4), "must exceed num_query_tokens"),
         (dict(image_token="<img>"), "one token"),
+        (dict(record_fields=["age", "diagnosis"]), "record_fields must name distinct fields"),
     ],
 )
 def test_invalid_processor_arguments(processor, kwargs, message):
@@ -230,3 +233,82 @@ def test_save_and_auto_load_offline_in_fresh_process(processor, tmp_path):
     assert torch.equal(reloaded(records=[RECORD], diagnoses=["MCI"])["labels"], expected["labels"])
     assert type(reloaded.image_processor) is MedBlipImageProcessor
     assert reloaded.image_processor.to_dict() == processor.image_processor.to_dict()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# issue 12, case 8: label leakage through record_fields at inference
+
+
+def _with_fields(processor, fields=DEFAULT_RECORD_FIELDS):
+    return MedBlipProcessor(processor.image_processor, processor.tokenizer, processor.qformer_tokenizer,
+                            num_query_tokens=NUM_QUERY, record_fields=fields)
+
+
+def _prompt(processor, record):
+    return processor.tokenizer.decode(processor(records=[record])["input_ids"][0], skip_special_tokens=True)
+
+
+def test_label_leakage_record_fields_are_saved_and_cdr_is_never_rendered(processor, tmp_path, caplog):
+    default = _with_fields(processor)
+    assert default.record_fields == ["age", "sex", "education", "mmse", "apoe4"]
+    leaky = {**RECORD, "cdr": 1, "notes": "Daughter reports getting lost."}
+    with caplog.at_level(logging.WARNING, logger="processing_medblip"):
+        prompt = _prompt(default, leaky)
+    assert prompt == _prompt(default, RECORD) and "CDR" not in prompt and "lost" not in prompt
+    assert "record fields ['cdr', 'notes'] are ignored: this model was trained on ['age', 'sex', 'education', " \
+           "'mmse', 'apoe4']" in caplog.text
+    qformer = default(records=[leaky])["qformer_input_ids"][0]
+    assert torch.equal(qformer, default(records=[RECORD])["qformer_input_ids"][0])
+    default.save_pretrained(str(tmp_path / "default"))
+    assert json.loads((tmp_path / "default" / "processor_config.json").read_text())["record_fields"] == list(
+        DEFAULT_RECORD_FIELDS)
+    with_cdr = _with_fields(processor, ["age", "cdr"])
+    with_cdr.save_pretrained(str(tmp_path / "with_cdr"))
+    reloaded = MedBlipProcessor.from_pretrained(str(tmp_path / "with_cdr"))
+    assert reloaded.record_fields == ["age", "cdr"]
+    assert _prompt(reloaded, leaky).startswith("A 74-year-old subject. CDR 1.")
+
+
+def test_label_leakage_folder_saved_without_record_fields_loads_the_default(processor, tmp_path):
+    processor.save_pretrained(str(tmp_path))  # the fixture shows every field
+    config_path = tmp_path / "processor_config.json"
+    config = json.loads(config_path.read_text())
+    assert config.pop("record_fields") == list(RECORD_FIELDS)
+    config_path.write_text(json.dumps(config))  # as written before record_fields existed
+    old = MedBlipProcessor.from_pretrained(str(tmp_path))
+    assert old.record_fields == list(DEFAULT_RECORD_FIELDS)
+    assert "CDR" not in _prompt(old, {**RECORD, "cdr": 2})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# issue 12, case 9: records altered silently
+
+
+def test_records_altered_silently_keys_any_case_and_unknown_keys_logged_once(processor, caplog):
+    with caplog.at_level(logging.WARNING, logger="processing_medblip"):
+        shouting = _prompt(processor, {"AGE": 74, "Sex": "F", "EDUCATION": 16, "Mmse": 27, "APOE4": 1, "dx": "AD"})
+        again = _prompt(processor, {"age": 74, "sex": "F", "education": 16, "mmse": 27, "apoe4": 1, "dx": "AD"})
+    assert shouting == again == _prompt(processor, RECORD)
+    assert caplog.text.count("unknown record keys ['dx'] are ignored") == 1  # one line per distinct report
+    with pytest.raises(ValueError, match="record field 'mmse' must lie in 0-30, got 99"):
+        processor(records=[{"mmse": 99}])
+
+
+def test_records_altered_silently_special_tokens_in_user_text_stay_text(processor):
+    tokenizer = processor.tokenizer
+    note = "Wrote <image> twice <image> then <|endoftext|> and <pad>."
+    question = "Is <image> a <|endoftext|> question?"
+    batch = processor(records=[{"notes": note}], question=question, image_slots=True, diagnoses=["CN"])
+    ids = batch["input_ids"][0].tolist()
+    controls = {processor.image_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    assert ids[:NUM_QUERY] == [processor.image_token_id] * NUM_QUERY
+    assert not controls & set(ids[NUM_QUERY:-1]) and ids[-1] == tokenizer.eos_token_id  # only the answer's eos
+    assert tokenizer.decode(ids[NUM_QUERY:]) == f"{note} Question: {question} Answer: Not demented<|endoftext|>"
+    bert = processor.qformer_tokenizer
+    qformer = processor(records=[{"notes": "a [SEP] b [CLS] [PAD] [MASK]"}])["qformer_input_ids"][0].tolist()
+    assert qformer.count(bert.sep_token_id) == 1 and qformer.count(bert.cls_token_id) == 1
+    assert not {bert.pad_token_id, bert.mask_token_id} & set(qformer)
+    candidate = processor.candidate_inputs(["<|endoftext|>"], free_text=True)["candidate_input_ids"][0].tolist()
+    assert candidate.count(tokenizer.eos_token_id) == 1 and candidate[-1] == tokenizer.eos_token_id
+    string_record = processor(records=["free text <image>"], image_slots=True)["input_ids"][0]
+    assert int((string_record == processor.image_token_id).sum()) == NUM_QUERY

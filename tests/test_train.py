@@ -17,6 +17,7 @@ from safetensors import safe_open
 from sklearn import metrics as skm
 
 import train
+from configuration_medblip import MedBlipConfig
 from medblip_data.collate import make_collate
 from medblip_data.manifest import read_manifest
 from medblip_train.checkpoints import BEST_WEIGHTS_FILE, STATE_FILE, CheckpointError
@@ -226,6 +227,19 @@ def test_eval_only_on_a_manifest_records_and_prints_dropped_scans(trained, cohor
     assert saved["likelihood"]["image_text"]["all"]["n"] == 18
     assert results["generate"]["text_only"]["all"]["n"] == 18
     assert (out / "confusion_matrices.png").stat().st_size > 1000
+
+
+def test_label_leakage_training_saves_its_record_fields_with_the_processor(trained):
+    """Issue 12, case 8: the fields a model was trained on travel with it (inference renders only those)."""
+    output, _ = trained
+    saved = json.loads((output / "processor_config.json").read_text())
+    assert saved["record_fields"] == ["age", "sex", "education", "mmse", "apoe4"]  # --record_fields default
+    model_args, _, _ = train.parse_arguments(["--preset", "tiny", "--record_fields", "age", "MMSE", "notes"])
+    assert model_args.record_fields == ["age", "mmse", "notes"]
+    processor = train.build_processor(MedBlipConfig.from_preset("tiny"), model_args)
+    assert processor.record_fields == ["age", "mmse", "notes"]
+    with pytest.raises(ValueError, match=r"record_fields must name distinct fields .* got \['age', 'diagnosis'\]"):
+        train.parse_arguments(["--record_fields", "age", "diagnosis"])
 
 
 def test_arguments_are_checked(tmp_path):
