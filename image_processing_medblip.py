@@ -171,15 +171,18 @@ class MedBlipImageProcessor(BaseImageProcessor):
             scan), `"none"` uses the scan as stored. See `t1_linear_medblip.py`.
 
     Raises (at call time) `VolumeError`, naming the input: unreadable/truncated/missing file, 2D image, 4D image
-    with several volumes and no `volume_index`, empty or constant volume (refused: it has no intensity range),
-    NaN/Inf voxels, zero/negative spacing, more than `max_voxels` voxels.
+    with several volumes and no `volume_index`, complex/RGB/structured voxels, empty or constant volume (refused: it
+    has no intensity range), NaN/Inf voxels, zero/negative spacing or one that collapses the volume at
+    `target_spacing`, an array without `affine=` or `orientation=`, more than `max_voxels` voxels. Any other failure
+    while reading or processing one input is raised as a `VolumeError` naming the input too. A NIfTI file whose
+    qform_code and sform_code are both 0 (no stored orientation) is read with a warning naming it.
 
     Example:
 
     >>> import numpy as np
     >>> processor = MedBlipImageProcessor(volume_size=(32, 32, 32), patch_size=(16, 16, 16))
     >>> volume = np.random.default_rng(0).random((40, 48, 40), dtype=np.float32)
-    >>> out = processor(volume, spacing=(1.0, 1.0, 1.0))
+    >>> out = processor(volume, spacing=(1.0, 1.0, 1.0), orientation="RAS")
     >>> tuple(out["pixel_values"].shape), out["patch_grid"].tolist()
     ((1, 8, 4096), [[2, 2, 2]])
     """
@@ -278,7 +281,7 @@ class MedBlipImageProcessor(BaseImageProcessor):
 
     def load(
         self, image: Any, spacing: Sequence[float] | None = None, affine: np.ndarray | None = None,
-        volume_index: int | None = None,
+        volume_index: int | None = None, orientation: str | None = None,
     ) -> Volume:
         """Read one input (path, DICOM folder, nibabel image, array/tensor) into a channel-first `Volume`.
 
@@ -288,7 +291,7 @@ class MedBlipImageProcessor(BaseImageProcessor):
         if isinstance(image, (str, os.PathLike)):
             volume = load_path(Path(image), volume_index, self.num_channels, self.max_voxels)
         elif isinstance(image, (np.ndarray, torch.Tensor)):
-            volume = load_array(image, spacing, affine, volume_index, self.num_channels, self.max_voxels)
+            volume = load_array(image, spacing, affine, volume_index, self.num_channels, self.max_voxels, orientation)
         elif hasattr(image, "dataobj") and hasattr(image, "affine"):
             volume = load_spatial_image(image, volume_index, self.num_channels, self.max_voxels)
         else:
@@ -311,19 +314,23 @@ class MedBlipImageProcessor(BaseImageProcessor):
         volume_index: int | None = None,
         spacing: Any = None,
         affine: Any = None,
+        orientation: str | Sequence[str | None] | None = None,
         **kwargs: Any,
     ) -> BatchFeature:
         """Turn one input or a batch into `pixel_values` `(B, N, C*pd*ph*pw)` and `patch_grid` `(B, 3)`.
 
         Args:
             images: a path (.nii, .nii.gz, .mgz, .mgh, or a folder holding one DICOM series), a nibabel image, a
-                numpy array / torch tensor `(X, Y, Z)` or `(C, X, Y, Z)` with `spacing=` and/or `affine=`, a 5D
-                array `(B, C, X, Y, Z)`, or a list mixing these.
+                numpy array / torch tensor `(X, Y, Z)` or `(C, X, Y, Z)` with `affine=` or with `spacing=` and
+                `orientation=`, a 5D array `(B, C, X, Y, Z)`, or a list mixing these.
             return_tensors: "pt" (default, also used for None) or "np".
             return_volume: also return `volumes` `(B, C, D, H, W)` (the processed volumes, for viewing).
             volume_index: which volume of a 4D file to use.
             spacing: voxel size in mm for array inputs, one triple for all or a list per item (None for non-arrays).
             affine: 4x4 voxel-to-RAS affine for array inputs, one or a list per item.
+            orientation: where the axes of an array given with `spacing=` point, as axis codes ("RAS": axis 0 ->
+                Right, 1 -> Anterior, 2 -> Superior; "LAS", "LPS", "PIR", ...), one or a list per item. Required
+                for arrays without `affine=`: an array is never assumed to be RAS.
 
         Raises:
             VolumeError: message `"<input>: <problem>"`, `<input>` being the path or `item i of the batch (...)`.
@@ -341,13 +348,22 @@ class MedBlipImageProcessor(BaseImageProcessor):
             raise ValueError("images is an empty batch")
         spacings = _per_item(spacing, len(items), (3,), "spacing")
         affines = _per_item(affine, len(items), (4, 4), "affine")
+        orientations = [orientation] * len(items) if orientation is None or isinstance(orientation, str) else list(
+            orientation)
+        if len(orientations) != len(items):
+            raise ValueError(f"orientation must be one string or a list of {len(items)} (one per item)")
         volumes = []
         for index, item in enumerate(items):
             label = f"item {index} of the batch ({_describe(item)})" if batched else _describe(item)
             try:
-                volumes.append(self.process_volume(self.load(item, spacings[index], affines[index], volume_index)))
+                volume = self.load(item, spacings[index], affines[index], volume_index, orientations[index])
+                volumes.append(self.process_volume(volume))
             except VolumeError as err:
                 raise VolumeError(f"{label}: {err}") from err
+            except MemoryError:
+                raise
+            except Exception as err:  # any other failure on one input is still that input's error, named
+                raise VolumeError(f"{label}: {type(err).__name__}: {err}") from err
         stacked = torch.stack(volumes)
         pixel_values, grid = volume_to_patches(stacked, self.patch_size)
         data = {

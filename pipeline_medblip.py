@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import types
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,34 +29,57 @@ MODEL_FILES = (
 )
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 _VOLUME_KEYS = ("volume", "image", "array", "path")
-_INPUT_KEYS = {*_VOLUME_KEYS, "spacing", "affine", "record", "question"}
+_OPTIONAL_KEYS = ("spacing", "affine", "orientation", "record", "question")
+_COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
 
 
 def _split_input(item: Any) -> dict[str, Any]:
-    """One pipeline input -> `{"image", "spacing", "affine", "record", "question"}` (missing entries are None).
+    """One pipeline input -> `{"image", "spacing", "affine", "orientation", "record", "question"}` (missing: None).
 
-    Accepted: a path (NIfTI/MGZ file or DICOM folder), a nibabel image, an array/tensor (spacing given separately),
-    a tuple `(array, spacing)`, or a dict with one of the keys "volume"/"image"/"array"/"path" plus optional
-    "spacing", "affine", "record" and "question".
+    Accepted: a path (NIfTI/MGZ file or DICOM folder), a nibabel image, an array/tensor (geometry given separately),
+    a tuple `(array, spacing)` or `(array, spacing, orientation)`, or a dict with one of the keys
+    "volume"/"image"/"array"/"path" plus optional "spacing", "affine", "orientation", "record" and "question".
     """
-    fields: dict[str, Any] = dict.fromkeys(("image", "spacing", "affine", "record", "question"))
+    fields: dict[str, Any] = dict.fromkeys(("image", *_OPTIONAL_KEYS))
     if isinstance(item, dict):
-        unknown = set(item) - _INPUT_KEYS
+        unknown = set(item) - {*_VOLUME_KEYS, *_OPTIONAL_KEYS}
         volume_keys = [key for key in _VOLUME_KEYS if key in item]
         if unknown or len(volume_keys) != 1:
             raise ValueError(
-                f"an input dict needs exactly one of {_VOLUME_KEYS} and optionally 'spacing', 'affine', 'record', "
-                f"'question'; got keys {sorted(item)}"
+                f"an input dict needs exactly one of {_VOLUME_KEYS} and optionally {_OPTIONAL_KEYS}; got keys "
+                f"{sorted(item)}"
             )
         fields.update({key: value for key, value in item.items() if key not in _VOLUME_KEYS})
         fields["image"] = item[volume_keys[0]]
     elif isinstance(item, tuple):
-        if len(item) != 2:
-            raise ValueError(f"a tuple input must be (array, spacing), got {len(item)} entries")
-        fields["image"], fields["spacing"] = item
+        if len(item) not in (2, 3):
+            raise ValueError(f"a tuple input must be (array, spacing[, orientation]), got {len(item)} entries")
+        fields["image"], fields["spacing"], fields["orientation"] = (*item, None)[:3]
     else:
         fields["image"] = item
     return fields
+
+
+def _image_kwargs(fields: dict[str, Any], **call_values: Any) -> dict[str, Any]:
+    """Geometry of one input: its own entries first, the call's keyword arguments otherwise."""
+    return {key: value if fields.get(key) is None else fields[key] for key, value in call_values.items()}
+
+
+@dataclass
+class _IndexedInput:
+    """An item of a list (or generator) given to a pipeline, with its position, so that its errors can name it."""
+
+    index: int
+    item: Any
+
+
+def _name_item(error: Exception, index: int) -> Exception:
+    """`error` with "item <index> of the inputs: " in front of its message, of the same class where possible."""
+    message = f"item {index} of the inputs: {error}"
+    try:
+        return type(error)(message)
+    except Exception:  # an exception class with another constructor
+        return (ValueError if isinstance(error, ValueError) else TypeError)(message)
 
 
 class _MedBlipPipeline(Pipeline):
@@ -82,22 +109,34 @@ class _MedBlipPipeline(Pipeline):
         id2label = self.model.config.id2label
         return [id2label[index] for index in sorted(id2label)]
 
-    def _model_inputs(
+    def __call__(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        """As `Pipeline.__call__`; an input of a list or generator that fails is named by its index (from 0)."""
+        if isinstance(inputs, list):
+            inputs = [_IndexedInput(index, item) for index, item in enumerate(inputs)]
+        elif isinstance(inputs, types.GeneratorType):
+            inputs = (_IndexedInput(index, item) for index, item in enumerate(inputs))
+        return super().__call__(inputs, *args, **kwargs)
+
+    def _model_inputs(self, item: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        if not isinstance(item, _IndexedInput):
+            return self._one_model_input(item, **kwargs)
+        try:
+            return self._one_model_input(item.item, **kwargs)
+        except (ValueError, TypeError) as error:
+            raise _name_item(error, item.index) from error
+
+    def _one_model_input(
         self, item: Any, record: Any = None, question: str | None = None, spacing: Any = None, affine: Any = None,
-        volume_index: int | None = None,
+        orientation: str | None = None, volume_index: int | None = None,
     ) -> dict[str, torch.Tensor]:
         fields = _split_input(item)
-        image_kwargs = {
-            "spacing": spacing if fields["spacing"] is None else fields["spacing"],
-            "affine": affine if fields["affine"] is None else fields["affine"],
-            "volume_index": volume_index,
-        }
         inputs = self.processor(
             images=fields["image"],
             records=record if fields["record"] is None else fields["record"],
             question=question if fields["question"] is None else fields["question"],
             return_tensors="pt",
-            **image_kwargs,
+            volume_index=volume_index,
+            **_image_kwargs(fields, spacing=spacing, affine=affine, orientation=orientation),
         )
         if inputs["pixel_values"].shape[0] != 1:
             raise ValueError("one input holds several volumes; pass a list of volumes instead (one result each)")
@@ -109,7 +148,8 @@ class _MedBlipPipeline(Pipeline):
         return model_inputs
 
     def query_attention(
-        self, volume: Any, spacing: Any = None, affine: Any = None, volume_index: int | None = None
+        self, volume: Any, spacing: Any = None, affine: Any = None, volume_index: int | None = None,
+        orientation: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The processed volume and where the Q-Former queries look in it.
 
@@ -122,8 +162,7 @@ class _MedBlipPipeline(Pipeline):
         fields = _split_input(volume)
         features = self.processor.image_processor(
             fields["image"], return_volume=True, volume_index=volume_index,
-            spacing=spacing if fields["spacing"] is None else fields["spacing"],
-            affine=affine if fields["affine"] is None else fields["affine"],
+            **_image_kwargs(fields, spacing=spacing, affine=affine, orientation=orientation),
         )
         if features["pixel_values"].shape[0] != 1:
             raise ValueError("query_attention takes one volume")
@@ -136,7 +175,7 @@ class _MedBlipPipeline(Pipeline):
 
     def plot_attention(
         self, volume: Any, title: str | None = None, path: str | os.PathLike | None = None, spacing: Any = None,
-        affine: Any = None, **plot_kwargs: Any,
+        affine: Any = None, orientation: str | None = None, **plot_kwargs: Any,
     ) -> Any:
         """`query_attention` drawn by `plotting_medblip.plot_volume_slices` (axial/coronal/sagittal, radiological
         orientation, attention overlay); saved as PNG when `path` is given. Returns the matplotlib `Figure`."""
@@ -144,7 +183,7 @@ class _MedBlipPipeline(Pipeline):
             from .plotting_medblip import plot_volume_slices
         except ImportError:
             from plotting_medblip import plot_volume_slices
-        processed, attention = self.query_attention(volume, spacing=spacing, affine=affine)
+        processed, attention = self.query_attention(volume, spacing=spacing, affine=affine, orientation=orientation)
         return plot_volume_slices(processed, attention, title=title, path=path, **plot_kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
@@ -170,10 +209,11 @@ class ZeroShotVolumeClassificationPipeline(_MedBlipPipeline):
 
     def _sanitize_parameters(
         self, candidate_labels: Sequence[str] | None = None, record: Any = None, question: str | None = None,
-        spacing: Any = None, affine: Any = None, volume_index: int | None = None, top_k: int | None = None,
+        spacing: Any = None, affine: Any = None, orientation: str | None = None, volume_index: int | None = None,
+        top_k: int | None = None,
     ) -> tuple[dict, dict, dict]:
         preprocess = {"record": record, "question": question, "spacing": spacing, "affine": affine,
-                      "volume_index": volume_index}
+                      "orientation": orientation, "volume_index": volume_index}
         preprocess = {key: value for key, value in preprocess.items() if value is not None}
         forward, postprocess = {}, {}
         if candidate_labels is not None:
@@ -226,10 +266,11 @@ class VolumeQuestionAnsweringPipeline(_MedBlipPipeline):
 
     def _sanitize_parameters(
         self, question: str | None = None, record: Any = None, spacing: Any = None, affine: Any = None,
-        volume_index: int | None = None, generate_kwargs: dict | None = None, **kwargs: Any,
+        orientation: str | None = None, volume_index: int | None = None, generate_kwargs: dict | None = None,
+        **kwargs: Any,
     ) -> tuple[dict, dict, dict]:
         preprocess = {"record": record, "question": question, "spacing": spacing, "affine": affine,
-                      "volume_index": volume_index}
+                      "orientation": orientation, "volume_index": volume_index}
         preprocess = {key: value for key, value in preprocess.items() if value is not None}
         generate_kwargs = {**(generate_kwargs or {}), **kwargs}  # the remaining keywords go to generate()
         return preprocess, {"generate_kwargs": generate_kwargs}, {}
@@ -330,9 +371,26 @@ def load_medblip_pipeline(model: str | os.PathLike, task: str | None = None, **k
     `transformers.pipeline(model=...)` cannot infer a task when a config registers two custom pipelines, so this
     picks the one marked `"default_task"` (zero-shot-volume-classification). A local folder is checked first
     (`check_medblip_folder`), so a missing processor or pipeline file is named instead of failing deep inside
-    transformers. Pass `revision=` (a commit hash) for Hub repositories: their code runs on your machine.
+    transformers. A Hub repository's Python files run on your machine, so a Hub id (anything that is not a local
+    folder) needs `revision=`, the commit hash of the code you have read; a branch or tag name is accepted with a
+    warning (what it points to can change).
+
+    Raises:
+        ValueError: a Hub id without `revision=`.
     """
     local = Path(model).is_dir()
+    if not local:
+        revision = kwargs.get("revision")
+        if revision is None:
+            raise ValueError(
+                f"{str(model)!r} is not a local folder: as a Hub repository its code would run on this machine "
+                "(trust_remote_code), so pin the commit you have read: "
+                f"load_medblip_pipeline({str(model)!r}, revision='<full commit hash>')"
+            )
+        if not _COMMIT_HASH.fullmatch(str(revision)):
+            warnings.warn(f"revision={revision!r} for {str(model)!r} is not a commit hash: the remote code it points "
+                          "to can change between loads; pin a full 40-character commit hash", UserWarning,
+                          stacklevel=2)
     custom = check_medblip_folder(model) if local else custom_pipelines_entry()
     if task is None:
         defaults = [name for name, entry in custom.items() if entry.get("default_task")]

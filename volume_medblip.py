@@ -32,8 +32,25 @@ class VolumeError(ValueError):
 
     The message names the input (its path, or ``item 3 of the batch (array)`` with a 0-based index) and the
     problem: unreadable or truncated file, 2D image, 4D image with several volumes and no ``volume_index``,
-    empty or constant volume, NaN/Inf voxels, zero/negative spacing, more voxels than ``max_voxels``.
+    complex/RGB/structured voxel type, empty or constant volume, NaN/Inf voxels, zero/negative spacing, a spacing
+    that collapses the volume when resampled, an array without orientation, more voxels than ``max_voxels``.
     """
+
+
+def check_axcodes(axcodes: Any, name: str = "axcodes") -> str:
+    """`axcodes` if it takes one letter from each of L/R, P/A, I/S (e.g. "RAS", "LPS", "PIR"); ValueError otherwise."""
+    owners = [next((i for i, pair in enumerate(("LR", "PA", "IS")) if c in pair), -1) for c in str(axcodes)]
+    if not isinstance(axcodes, str) or sorted(owners) != [0, 1, 2]:
+        raise ValueError(f"{name} must take one letter from each of L/R, P/A, I/S (e.g. 'RAS'), got {axcodes!r}")
+    return axcodes
+
+
+def check_real_dtype(dtype: Any) -> None:
+    """Refuse complex, RGB/structured and non-numeric voxel types: any cast of them to float invents intensities."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "biuf":
+        kind = {"c": "complex values", "V": "RGB or structured voxels"}.get(dtype.kind, "not numbers")
+        raise VolumeError(f"unsupported dtype {dtype} ({kind}); expected real-valued intensities")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -182,20 +199,37 @@ def load_spatial_image(image: Any, volume_index: int | None, num_channels: int, 
         raise VolumeError(f"volume_index={volume_index} is out of range for {shape[3]} volumes")
     if several and volume_index is None and not (num_channels > 1 and shape[3] == num_channels):
         raise VolumeError(f"4D image of shape {shape} holds {shape[3]} volumes; pass volume_index= to pick one")
+    check_real_dtype(image.get_data_dtype())
+    _warn_unknown_orientation(image)
     affine = np.asarray(image.affine, dtype=np.float64)
     try:
         source = image.dataobj[:, :, :, volume_index] if several and volume_index is not None else image.dataobj
         data = np.asanyarray(source)
     except Exception as err:  # nibabel/zlib/gzip raise many types for damaged files
         raise VolumeError(f"unreadable or truncated image data ({type(err).__name__}: {err})") from err
+    check_real_dtype(data.dtype)
     return Volume(_select_volume(data, None, num_channels), affine)
+
+
+def _warn_unknown_orientation(image: Any) -> None:
+    """A NIfTI with qform_code = sform_code = 0 stores no orientation: nibabel's affine is a guess from pixdim."""
+    header = image.header
+    if isinstance(image, nibabel.Nifti1Image) and int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
+        name = image.get_filename() or "nibabel image"
+        warnings.warn(f"{name}: NIfTI qform_code and sform_code are both 0, so the file stores no orientation; it is "
+                      "read as nibabel's pixdim-only guess and left-right may be mirrored", UserWarning, stacklevel=2)
+
+
+def dicom_files(folder: Path) -> list[Path]:
+    """The files a DICOM folder is read from (every non-hidden file, sorted); the cache keys on their stats."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
 def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     """Read the one DICOM series in `folder` into a spatial-first array and a RAS+ affine."""
     if pydicom is None:
         raise VolumeError("is a folder, and reading DICOM series needs pydicom, which is not installed")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    files = dicom_files(folder)
     if not files:
         raise VolumeError("folder holds no files (expected one DICOM series)")
     try:
@@ -207,6 +241,9 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
         raise VolumeError(f"folder holds {len(series)} DICOM series; expected exactly one")
     if len(slices) < 2:
         raise VolumeError("2D image: the DICOM series has a single slice")
+    samples = {int(getattr(s, "SamplesPerPixel", 1)) for s in slices}
+    if samples != {1}:
+        raise VolumeError(f"unsupported DICOM pixels: {max(samples)} samples per pixel (colour); expected grayscale")
     try:
         orientation = np.asarray(slices[0].ImageOrientationPatient, dtype=np.float64)
         row_dir, col_dir = orientation[:3], orientation[3:]
@@ -228,6 +265,7 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     affine_lps[:3, 1] = col_dir * row_spacing  # array axis 1 = DICOM row index
     affine_lps[:3, 2] = steps[0]
     affine_lps[:3, 3] = positions[0]
+    check_real_dtype(pixels.dtype)
     data = np.transpose(pixels, (1, 0, 2))  # (rows, cols, slices) -> (cols, rows, slices)
     return data, np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_lps
 
@@ -248,24 +286,28 @@ def load_path(path: Path, volume_index: int | None, num_channels: int, max_voxel
     return load_spatial_image(image, volume_index, num_channels, max_voxels)
 
 
-def load_array(
-    array: np.ndarray | torch.Tensor,
-    spacing: Sequence[float] | None,
-    affine: np.ndarray | None,
-    volume_index: int | None,
-    num_channels: int,
-    max_voxels: int,
-) -> Volume:
-    """Arrays are spatial `(X, Y, Z)` or channel-first `(C, X, Y, Z)` with `C == num_channels`."""
-    if isinstance(array, torch.Tensor):
-        array = array.detach().cpu().numpy()
-    if array.dtype.kind not in "biuf":
-        raise VolumeError(f"unsupported dtype {array.dtype}; expected a real-valued array")
-    if array.size == 0:
-        raise VolumeError(f"empty volume of shape {array.shape}")
-    _check_voxel_count(array.shape[-3:] if array.ndim >= 3 else array.shape, max_voxels)
-    if affine is None and spacing is None:
-        raise VolumeError("array input needs spacing= (voxel size in mm) or affine=")
+def orientation_affine(orientation: str, spacing: Sequence[float]) -> np.ndarray:
+    """Voxel-to-RAS affine of an array whose axes point along `orientation` (e.g. "LPS": axis 0 -> Left, 1 ->
+    Posterior, 2 -> Superior) with voxel size `spacing` (mm); origin at voxel 0."""
+    affine = np.eye(4)
+    affine[:3, :3] = 0.0
+    for axis, (world_axis, sign) in enumerate(axcodes2ornt(tuple(check_axcodes(orientation, "orientation")))):
+        affine[int(world_axis), axis] = sign * spacing[axis]
+    return affine
+
+
+def _array_affine(spacing: Any, affine: Any, orientation: str | None) -> np.ndarray:
+    """The affine of an array input from `affine=`, or from `spacing=` with `orientation=`; checked for agreement."""
+    if affine is None and (spacing is None or orientation is None):
+        raise VolumeError(
+            "array input needs affine= (voxel-to-RAS, mm) or spacing= (mm) with orientation= (where the array axes "
+            "point, e.g. 'RAS', 'LAS', 'LPS'): an array read as RAS when it is stored LAS is mirrored left-right"
+        )
+    if orientation is not None:
+        try:
+            check_axcodes(orientation, "orientation")
+        except ValueError as err:
+            raise VolumeError(str(err)) from err
     if affine is not None:
         affine = np.asarray(affine, dtype=np.float64)
         if affine.shape != (4, 4):
@@ -278,9 +320,36 @@ def load_array(
         if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
             raise VolumeError(f"zero, negative or non-finite spacing {tuple(spacing.tolist())}")
         if affine is None:
-            affine = np.diag([*spacing, 1.0])
-        elif not np.allclose(np.linalg.norm(affine[:3, :3], axis=0), spacing, rtol=1e-4):
+            return orientation_affine(orientation, spacing)
+        if not np.allclose(np.linalg.norm(affine[:3, :3], axis=0), spacing, rtol=1e-4):
             raise VolumeError(f"spacing {tuple(spacing.tolist())} disagrees with the affine's column norms")
+    if orientation is not None and np.all(np.isfinite(affine)):
+        stored = "".join(nibabel.aff2axcodes(affine))
+        if stored != orientation:
+            raise VolumeError(f"orientation {orientation!r} disagrees with the affine, whose axes point {stored!r}")
+    return affine
+
+
+def load_array(
+    array: np.ndarray | torch.Tensor,
+    spacing: Sequence[float] | None,
+    affine: np.ndarray | None,
+    volume_index: int | None,
+    num_channels: int,
+    max_voxels: int,
+    orientation: str | None = None,
+) -> Volume:
+    """Arrays are spatial `(X, Y, Z)` or channel-first `(C, X, Y, Z)` with `C == num_channels`.
+
+    Their geometry is `affine=`, or `spacing=` with `orientation=` (axis codes): never guessed.
+    """
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu().numpy()
+    check_real_dtype(array.dtype)
+    if array.size == 0:
+        raise VolumeError(f"empty volume of shape {array.shape}")
+    _check_voxel_count(array.shape[-3:] if array.ndim >= 3 else array.shape, max_voxels)
+    affine = _array_affine(spacing, affine, orientation)
     if array.ndim == 4 and array.shape[0] == num_channels:
         return Volume(array, affine)
     if array.ndim == 4 and array.shape[0] == 1 and volume_index is None:
@@ -304,10 +373,7 @@ class Orient:
     """
 
     def __init__(self, axcodes: str = "RAS") -> None:
-        owners = [next((i for i, pair in enumerate(("LR", "PA", "IS")) if c in pair), -1) for c in str(axcodes)]
-        if not isinstance(axcodes, str) or sorted(owners) != [0, 1, 2]:
-            raise ValueError(f"axcodes must take one letter from each of L/R, P/A, I/S (e.g. 'RAS'), got {axcodes!r}")
-        self.axcodes = axcodes
+        self.axcodes = check_axcodes(axcodes)
         self.target = axcodes2ornt(tuple(axcodes))
 
     def __call__(self, volume: Volume) -> Volume:
@@ -404,12 +470,13 @@ class Spacing:
     """Resample to `target_spacing` (mm per array axis) with trilinear interpolation over the whole volume, as
     MONAI's `Spacing` (without its affine-diagonal options).
 
-    The field of view is kept: the new shape is `round(shape * spacing / target_spacing)` (at least 1), so the
-    achieved spacing equals the target up to that rounding (recorded exactly in the affine).
+    The field of view is kept: the new shape is `round(shape * spacing / target_spacing)`, so the achieved spacing
+    equals the target up to that rounding (recorded exactly in the affine).
 
     Raises:
         ValueError: at construction, a target spacing is not positive and finite.
-        VolumeError: the resampled volume would exceed `max_voxels`.
+        VolumeError: the resampled volume would have fewer than 2 voxels along an axis (the spacing collapses it;
+            the message gives the spacing, shape, extent and target) or exceed `max_voxels`.
     """
 
     def __init__(self, target_spacing: Sequence[float] = (2.0, 2.0, 2.0), max_voxels: int = 512**3) -> None:
@@ -421,10 +488,21 @@ class Spacing:
 
     def __call__(self, volume: Volume) -> Volume:
         shape = np.asarray(volume.spatial_shape)
-        new_shape = np.maximum(1, np.round(shape * volume.spacing / self.target_spacing)).astype(int)
+        extent = shape * volume.spacing
+        new_shape = np.round(extent / self.target_spacing).astype(int)
+        if new_shape.min() < 2:  # e.g. a spacing in metres or a wrong pixdim: the volume would shrink to a plane
+            raise VolumeError(
+                f"spacing {_rounded(volume.spacing)} mm collapses the volume: {tuple(shape.tolist())} voxels span "
+                f"{_rounded(extent)} mm, which is {tuple(new_shape.tolist())} voxels at target_spacing "
+                f"{_rounded(self.target_spacing)} mm (at least 2 per axis are needed); is the spacing in mm?"
+            )
         _check_voxel_count(new_shape, self.max_voxels)
         data = _interpolate(volume.data, new_shape)
         return replace(volume, data=data, affine=_resized_affine(volume.affine, shape, new_shape), mask=None)
+
+
+def _rounded(values: np.ndarray) -> tuple:
+    return tuple(float(f"{v:.4g}") for v in values)
 
 
 def _order_statistics(values: torch.Tensor, ranks: Sequence[int]) -> list[float]:
@@ -675,9 +753,13 @@ __all__ = [
     "ToTensor",
     "Volume",
     "VolumeError",
+    "check_axcodes",
+    "check_real_dtype",
+    "dicom_files",
     "load_array",
     "load_path",
     "load_spatial_image",
+    "orientation_affine",
     "patches_to_volume",
     "triple",
     "volume_to_patches",

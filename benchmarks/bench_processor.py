@@ -104,7 +104,7 @@ def peak_memory_ratio(folder: Path) -> tuple[float, float]:
         import numpy as np
         from image_processing_medblip import MedBlipImageProcessor
         processor = MedBlipImageProcessor(volume_size={volume_size}, target_spacing={target_spacing})
-        processor(np.random.default_rng(0).random((64, 64, 64)), spacing=(1, 1, 1))  # warm up kernels
+        processor(np.random.default_rng(0).random((64, 64, 64)), affine=np.eye(4))  # warm up kernels
         def status_kib(field):  # VmHWM is reset by exec (ru_maxrss is inherited from the forking parent)
             line = next(line for line in open("/proc/self/status") if line.startswith(field + ":"))
             return int(line.split()[1])

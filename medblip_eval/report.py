@@ -122,11 +122,11 @@ Splits are by subject. The built-in default is a *synthetic* cohort made by warp
 (`synthetic_cohort.py`), so the figures below say nothing about real patients.
 
 ## Preprocessing contract
-`MedBlipProcessor` (saved beside the weights) reads NIfTI/MGZ/DICOM or arrays with spacing, reorients to RAS,
-resamples to {target_spacing} mm, crops to the foreground, scales intensities robustly to [0, 1], fits the
-volume into {volume_size} voxels keeping the aspect ratio, standardises it to [-1, 1] (`image_mean` =
-`image_std` = 0.5, background -1) and cuts {patch_size} patches. Health-record fields given to the model:
-{record_fields}.
+`MedBlipProcessor` (saved beside the weights) reads NIfTI/MGZ/DICOM or arrays with an affine (or spacing and
+orientation), reorients to RAS, resamples to {target_spacing} mm, crops to the foreground, scales intensities
+robustly to [0, 1], fits the volume into {volume_size} voxels keeping the aspect ratio, standardises it to [-1, 1]
+(`image_mean` = `image_std` = 0.5, background -1) and cuts {patch_size} patches. Health-record fields given to the
+model: {record_fields} (saved as `record_fields` in `processor_config.json`; inference renders only these).
 
 ## Evaluation ({split} split: {n} volumes)
 {results_table}
@@ -139,10 +139,13 @@ on the same split (from `medblip_data.baselines`):
 ## Use
 ```python
 from transformers import pipeline
-classify = pipeline("zero-shot-volume-classification", model="{folder_name}", trust_remote_code=True)
+classify = pipeline("zero-shot-volume-classification", model="<user>/{folder_name}",
+                    revision="<full commit hash>", trust_remote_code=True)
 classify("scan.nii.gz", record={{"age": 74, "sex": "F", "mmse": 24}})
 ```
-Pin a `revision` when loading from the Hub: remote code is code.
+Always pin `revision` to a commit hash you have read: the repository's Python files run on your machine
+(`pipeline_medblip.load_medblip_pipeline` refuses a Hub id without `revision=`). The prompt shows only the record
+fields listed above; other fields given (e.g. CDR) are left out and logged.
 
 ## Limitations
 Trained on a small cohort for a few hundred steps on CPU; MMSE in the record is a near-proxy of the label, so

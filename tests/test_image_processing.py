@@ -215,14 +215,14 @@ def test_array_tensor_nibabel_and_mixed_batch_agree(anatomical_nii):
     )["pixel_values"]
     for index in range(3):
         torch.testing.assert_close(batch[index], from_path[0], rtol=0, atol=1e-6)
-    # spacing only: an identity-oriented (RAS) array
-    out = processor(data, spacing=(2.0, 2.0, 2.0))
-    assert out["pixel_values"].shape == (1, 64, 512)
+    # spacing with the orientation the file stores (LAS): the same input as the file
+    out = processor(data, spacing=(2.0, 2.0, 2.0), orientation="LAS")["pixel_values"]
+    torch.testing.assert_close(out, from_path, rtol=0, atol=1e-6)
     # inputs are never modified in place (float32 tensors are used without a copy)
     tensor = torch.from_numpy(data.astype(np.float32))
     before = tensor.clone()
     for options in ({}, dict(target_spacing=None, crop_foreground=False, resize=False, volume_size=(40, 48, 32))):
-        MedBlipImageProcessor(**{**SMALL, **options})(tensor, spacing=(2.0, 2.0, 2.0))
+        MedBlipImageProcessor(**{**SMALL, **options})(tensor, spacing=(2.0, 2.0, 2.0), orientation="RAS")
         assert torch.equal(tensor, before)
 
 
@@ -258,7 +258,7 @@ def test_4d_file_needs_volume_index(tmp_path):
     with pytest.raises(VolumeError, match=r"four\.nii\.gz.*holds 3 volumes; pass volume_index"):
         processor(path)
     picked = processor(path, volume_index=1)["pixel_values"]
-    direct = processor(data[..., 1], spacing=(1.0, 1.0, 1.0))["pixel_values"]
+    direct = processor(data[..., 1], affine=np.eye(4))["pixel_values"]
     torch.testing.assert_close(picked, direct)
 
 
@@ -297,11 +297,12 @@ def test_output_is_deterministic_and_float16_on_request(anatomical_nii):
 def test_fit_keeps_the_aspect_ratio_and_centres(tmp_path):
     box = np.random.default_rng(1).uniform(1.0, 2.0, size=(40, 20, 10)).astype(np.float32)  # 80 x 40 x 20 mm
     common = dict(volume_size=(32, 32, 32), patch_size=(8, 8, 8), target_spacing=None, crop_foreground=False)
-    volume = MedBlipImageProcessor(**common)(box, spacing=(2.0, 2.0, 2.0), return_volume=True)["volumes"][0, 0]
+    volume = MedBlipImageProcessor(**common)(box, spacing=(2.0, 2.0, 2.0), orientation="RAS",
+                                             return_volume=True)["volumes"][0, 0]
     inside = torch.nonzero(volume > 0)
     assert inside.min(0).values.tolist() == [0, 8, 12] and inside.max(0).values.tolist() == [31, 23, 19]
     stretch = MedBlipImageProcessor(**common, keep_aspect_ratio=False)
-    stretched = stretch(box, spacing=(2.0, 2.0, 2.0), return_volume=True)
+    stretched = stretch(box, spacing=(2.0, 2.0, 2.0), orientation="RAS", return_volume=True)
     inside = torch.nonzero(stretched["volumes"][0, 0] > 0)
     assert inside.min(0).values.tolist() == [0, 0, 0] and inside.max(0).values.tolist() == [31, 31, 31]
 
@@ -355,27 +356,28 @@ def test_bad_files_raise_volume_error_naming_the_file(tmp_path, anatomical_nii):
         (np.random.rand(8, 8, 8), (1.0, -2.0, 1.0), "zero, negative or non-finite spacing"),
         (np.random.rand(8, 8), (1, 1, 1), "2D image"),
         (np.zeros((0, 8, 8)), (1, 1, 1), "empty volume"),
-        (np.random.rand(8, 8, 8), None, "needs spacing"),
+        (np.random.rand(8, 8, 8), None, "needs affine= .* or spacing= .* with orientation="),
         (np.random.rand(8, 8, 8) + 1j, (1, 1, 1), "unsupported dtype"),
     ],
 )
 def test_bad_arrays_raise_volume_error(data, spacing, message):
     with pytest.raises(VolumeError, match=message):
-        MedBlipImageProcessor(**SMALL)(data, spacing=spacing)
+        MedBlipImageProcessor(**SMALL)(data, spacing=spacing, orientation="RAS")
 
 
 def test_batch_error_names_the_failing_item(anatomical_nii):
     processor = MedBlipImageProcessor(**SMALL)
     constant = np.ones((8, 8, 8), dtype=np.float32)
     with pytest.raises(VolumeError, match=r"^item 1 of the batch \(array\): constant volume"):
-        processor([anatomical_nii, constant], spacing=[None, (1, 1, 1)])
+        processor([anatomical_nii, constant], spacing=[None, (1, 1, 1)], orientation="RAS")
     with pytest.raises(VolumeError, match=r"^item 2 of the batch \('.*nope\.nii\.gz'\): file not found"):
         processor([anatomical_nii, anatomical_nii, "/nope.nii.gz"])
 
 
 def test_too_many_voxels_after_resampling():
     with pytest.raises(VolumeError, match="exceed max_voxels"):
-        MedBlipImageProcessor(**SMALL, max_voxels=20_000)(np.random.rand(10, 10, 10), spacing=(8.0, 8.0, 8.0))
+        MedBlipImageProcessor(**SMALL, max_voxels=20_000)(np.random.rand(10, 10, 10), spacing=(8.0, 8.0, 8.0),
+                                                          orientation="RAS")
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -404,7 +406,7 @@ def test_property_only_volume_errors(shape, spacing, dtype, fill, seed, as_tenso
         data = torch.from_numpy(data)
     processor = MedBlipImageProcessor(volume_size=(16, 16, 16), patch_size=(8, 8, 8), max_voxels=64**3)
     try:
-        out = processor(data, spacing=spacing, return_volume=True)
+        out = processor(data, spacing=spacing, orientation="RAS", return_volume=True)
     except VolumeError:
         return
     assert out["pixel_values"].shape == (1, 8, 512) and torch.isfinite(out["volumes"]).all()
@@ -483,3 +485,94 @@ def test_quantiles_fall_back_when_the_sample_misleads(monkeypatch):
     ranks = [200_000 - 200, 200_000 - 199]  # 200 values from the top: more than the 145 the sample promises
     assert volume_medblip._order_statistics(values, ranks) == torch.sort(values).values[ranks].tolist()
     assert topk_calls == [1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# issue 12: exotic dtypes (case 7), arrays without orientation and NIfTI without one (case 12), tiny spacing (14)
+
+
+def test_exotic_dtypes_rgb24_and_complex_nifti_are_refused_naming_the_file(tmp_path):
+    rgb = np.zeros((10, 12, 10), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    rgb["G"] = np.random.default_rng(0).integers(0, 255, rgb.shape)
+    rgb_path = _save(tmp_path, "rgb24.nii.gz", rgb, np.eye(4))
+    assert nibabel.load(rgb_path).header["datatype"] == 128  # NIFTI_TYPE_RGB24, as nibabel wrote it
+    rng = np.random.default_rng(1)
+    complex_path = _save(tmp_path, "complex.nii.gz", (rng.random((10, 12, 10)) + 1j).astype(np.complex64), np.eye(4))
+    processor = MedBlipImageProcessor(**SMALL)
+    with pytest.raises(VolumeError, match=r"rgb24\.nii\.gz'?: unsupported dtype .* \(RGB or structured voxels\)"):
+        processor(rgb_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # refused before any cast (a cast would warn ComplexWarning)
+        with pytest.raises(VolumeError, match=r"complex\.nii\.gz'?: unsupported dtype complex64 \(complex values\)"):
+            processor(complex_path)
+        good = _save(tmp_path, "good.nii.gz", rng.random((10, 12, 10)).astype(np.float32), np.eye(4))
+        named = r"^item 1 of the batch \(Nifti1Image '.*complex\.nii\.gz'\): unsupported dtype complex64"
+        with pytest.raises(VolumeError, match=named):
+            processor([good, nibabel.load(complex_path)])
+
+
+def test_every_failure_on_one_input_is_a_volume_error_naming_it(anatomical_nii, monkeypatch):
+    processor = MedBlipImageProcessor(**SMALL)
+
+    def broken_step(volume):
+        raise RuntimeError("a step failed")
+
+    monkeypatch.setattr(processor, "_pipeline", broken_step)
+    with pytest.raises(VolumeError, match=r"^'.*anatomical\.nii': RuntimeError: a step failed$") as caught:
+        processor(anatomical_nii)
+    assert isinstance(caught.value.__cause__, RuntimeError)
+
+
+def test_array_without_orientation_is_refused_not_taken_as_ras(anatomical_nii):
+    image = nibabel.load(anatomical_nii)  # stored LAS
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    processor = MedBlipImageProcessor(**SMALL)
+    with pytest.raises(VolumeError, match=r"^array: array input needs affine= .* or spacing= .* with orientation="):
+        processor(data, spacing=(2.0, 2.0, 2.0))
+    from_file = processor(anatomical_nii)["pixel_values"]
+    as_las = processor(data, spacing=(2.0, 2.0, 2.0), orientation="LAS")["pixel_values"]
+    torch.testing.assert_close(as_las, from_file, rtol=0, atol=1e-6)
+    # calling it RAS mirrors it: exactly the left-right flipped array read as LAS
+    as_ras = processor(data, spacing=(2.0, 2.0, 2.0), orientation="RAS")["pixel_values"]
+    mirrored = processor(np.ascontiguousarray(data[::-1]), spacing=(2.0, 2.0, 2.0), orientation="LAS")["pixel_values"]
+    torch.testing.assert_close(as_ras, mirrored, rtol=0, atol=1e-6)
+    assert not torch.allclose(as_ras, from_file, atol=1e-2)
+    # other orientations: a PIR array is the same anatomy with permuted, flipped axes
+    pir = np.transpose(data[::-1], (1, 2, 0))[::-1, ::-1]  # LAS -> RAS, then axes (A, S, R), then flip A and S
+    as_pir = processor(np.ascontiguousarray(pir), spacing=(2.0, 2.0, 2.0), orientation="PIR")["pixel_values"]
+    torch.testing.assert_close(as_pir, from_file, rtol=0, atol=1e-6)
+    with pytest.raises(VolumeError, match=r"orientation 'RAS' disagrees with the affine, whose axes point 'LAS'"):
+        processor(data, affine=image.affine, orientation="RAS")
+    with pytest.raises(VolumeError, match=r"orientation must take one letter from each of L/R, P/A, I/S"):
+        processor(data, spacing=(2.0, 2.0, 2.0), orientation="RAX")
+    with pytest.raises(ValueError, match="orientation must be one string or a list of 2"):
+        processor([data, data], spacing=(2.0, 2.0, 2.0), orientation=["LAS"])
+
+
+def test_nifti_without_qform_and_sform_warns_naming_the_file(tmp_path, anatomical_nii):
+    data = np.asarray(nibabel.load(anatomical_nii).dataobj)
+    image = nibabel.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0]))
+    image.set_qform(None, code=0)
+    image.set_sform(None, code=0)
+    path = tmp_path / "no_orientation.nii.gz"
+    nibabel.save(image, str(path))
+    header = nibabel.load(str(path)).header
+    assert int(header["qform_code"]) == int(header["sform_code"]) == 0
+    processor = MedBlipImageProcessor(**SMALL)
+    with pytest.warns(UserWarning, match=r"no_orientation\.nii\.gz: NIfTI qform_code and sform_code are both 0"):
+        processor(str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a NIfTI that stores its orientation reads without a warning
+        processor(anatomical_nii)
+
+
+def test_tiny_spacing_reports_that_it_collapses_the_volume(tmp_path):
+    data = np.random.default_rng(0).random((20, 24, 20)).astype(np.float32)
+    path = _save(tmp_path, "tiny.nii.gz", data, np.diag([0.01, 0.01, 0.01, 1.0]))
+    message = (r"tiny\.nii\.gz'?: spacing \(0\.01, 0\.01, 0\.01\) mm collapses the volume: \(20, 24, 20\) voxels span "
+               r"\(0\.2, 0\.24, 0\.2\) mm, which is \(0, 0, 0\) voxels at target_spacing \(2\.0, 2\.0, 2\.0\) mm "
+               r"\(at least 2 per axis are needed\); is the spacing in mm\?")
+    with pytest.raises(VolumeError, match=message):
+        MedBlipImageProcessor(**SMALL)(path)
+    with pytest.raises(VolumeError, match=r"spacing \(1\.0, 1\.0, 0\.05\) mm collapses the volume"):
+        MedBlipImageProcessor(**SMALL)(data, spacing=(1.0, 1.0, 0.05), orientation="RAS")

@@ -1,11 +1,13 @@
 """MedBLIP pipelines on a tiny saved folder: remote code, scores, batching, inputs, generation, missing files."""
 
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import nibabel
@@ -14,6 +16,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, pipeline
 
+import pipeline_medblip
 from configuration_medblip import MedBlipConfig
 from convert_medblip import build_gpt2_tokenizer
 from image_processing_medblip import MedBlipImageProcessor
@@ -151,12 +154,14 @@ def test_path_image_array_and_dict_inputs_agree(classifier, anatomical_nii):
     for item in (image, {"array": array, "affine": image.affine}, {"image": anatomical_nii}):
         got = classifier(item)
         assert [s["score"] for s in got] == pytest.approx([s["score"] for s in reference], abs=1e-5)
-    for item in ((array, (2.0, 2.0, 2.0)), {"array": array, "spacing": (2.0, 2.0, 2.0)}):
-        assert sum(s["score"] for s in classifier(item)) == pytest.approx(1.0, abs=1e-5)
-    assert classifier(array, spacing=(2.0, 2.0, 2.0)) == classifier((array, (2.0, 2.0, 2.0)))
+    # the file stores LAS: spacing with that orientation is the same input, however it is passed
+    for item in ((array, (2.0, 2.0, 2.0), "LAS"), {"array": array, "spacing": (2.0, 2.0, 2.0), "orientation": "LAS"}):
+        assert [s["score"] for s in classifier(item)] == pytest.approx([s["score"] for s in reference], abs=1e-5)
+    assert classifier(array, spacing=(2.0, 2.0, 2.0), orientation="LAS") == classifier((array, (2.0, 2.0, 2.0)),
+                                                                                         orientation="LAS")
     with pytest.raises(ValueError, match="exactly one of"):
         classifier({"volume": anatomical_nii, "diagnosis": "AD"})
-    with pytest.raises(ValueError, match="spacing"):
+    with pytest.raises(ValueError, match="needs affine="):
         classifier(array)
 
 
@@ -227,3 +232,70 @@ def test_folder_without_registered_pipelines_is_refused(tiny_folder, tmp_path):
 def test_pipeline_without_processor_is_refused(classifier):
     with pytest.raises(ValueError, match="needs the MedBlipProcessor"):
         ZeroShotVolumeClassificationPipeline(model=classifier.model, device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# issue 12: label leakage at inference (case 8), errors naming the item (case 12), Hub ids without revision (13)
+
+
+def test_label_leakage_pipeline_prompt_never_holds_cdr(classifier, vqa, anatomical_nii, monkeypatch, caplog):
+    assert classifier.processor.record_fields == ["age", "sex", "education", "mmse", "apoe4"]
+    prompts = []
+    score = classifier.model.score_candidates
+
+    def spy(input_ids, *args, **kwargs):
+        prompts.append(classifier.processor.tokenizer.decode(input_ids[0], skip_special_tokens=True))
+        return score(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(classifier.model, "score_candidates", spy)
+    with caplog.at_level(logging.WARNING, logger="processing_medblip"):
+        with_cdr = classifier(anatomical_nii, record={**RECORDS[0], "CDR": 1, "notes": "Diagnosed with AD."})
+    assert with_cdr == classifier(anatomical_nii, record=RECORDS[0])
+    assert prompts[0] == prompts[1] == "A 74-year-old female. MMSE 24. Question: What will this subject be diagnosed " \
+                                       "with? Answer:"
+    assert "record fields ['cdr', 'notes'] are ignored" in caplog.text
+    answer = vqa(anatomical_nii, record={**RECORDS[0], "cdr": 1}, max_new_tokens=2)
+    assert answer == vqa(anatomical_nii, record=RECORDS[0], max_new_tokens=2)
+
+
+def test_pipeline_errors_name_the_item_index(classifier, anatomical_nii):
+    constant = np.ones((8, 8, 8), dtype=np.float32)
+    array = np.asarray(nibabel.load(anatomical_nii).dataobj, dtype=np.float32)
+    for batch_size in (1, 2):
+        with pytest.raises(ValueError, match=r"^item 1 of the inputs: array: constant volume"):
+            classifier([anatomical_nii, {"array": constant, "affine": np.eye(4)}], batch_size=batch_size)
+    with pytest.raises(ValueError, match=r"^item 2 of the inputs: array: array input needs affine="):
+        classifier([anatomical_nii, anatomical_nii, {"array": array, "spacing": (2.0, 2.0, 2.0)}])
+    with pytest.raises(ValueError, match=r"^item 0 of the inputs: record field 'mmse' must lie in 0-30, got 99$"):
+        classifier([{"volume": anatomical_nii, "record": {"mmse": 99}}, anatomical_nii])
+    with pytest.raises(ValueError, match=r"^item 1 of the inputs: an input dict needs exactly one of"):
+        list(classifier(item for item in [anatomical_nii, {"volume": anatomical_nii, "label": "AD"}]))  # lazy
+    with pytest.raises(ValueError, match=r"^'.*missing\.nii\.gz': file not found"):
+        classifier(str(Path(anatomical_nii).parent / "missing.nii.gz"))  # a single input: no index to give
+    note = classifier(anatomical_nii, record="Wrote <image> and <|endoftext|> in the form.")  # text, not tokens
+    assert sum(s["score"] for s in note) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_hub_id_without_revision_is_refused(monkeypatch):
+    calls = []
+    monkeypatch.setattr(pipeline_medblip, "transformers_pipeline", lambda task, **kwargs: calls.append((task, kwargs)))
+    with pytest.raises(ValueError, match=r"'user/medblip' is not a local folder: .* pin the commit you have read: "
+                                         r"load_medblip_pipeline\('user/medblip', revision='<full commit hash>'\)"):
+        load_medblip_pipeline("user/medblip")
+    assert calls == []  # nothing was loaded, no remote code trusted
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_medblip_pipeline("user/medblip", revision=sha)
+    assert calls[-1] == (ZERO_SHOT_TASK, {"model": "user/medblip", "revision": sha, "trust_remote_code": True})
+    with pytest.warns(UserWarning, match=r"revision='main' for 'user/medblip' is not a commit hash"):
+        load_medblip_pipeline("user/medblip", task=VQA_TASK, revision="main")
+    assert calls[-1][0] == VQA_TASK
+
+
+def test_model_card_snippet_pins_a_revision(tmp_path):
+    from medblip_eval.report import CARD_TEMPLATE
+
+    snippet = CARD_TEMPLATE.split("## Use")[1].split("## Limitations")[0]
+    assert 'revision="<full commit hash>", trust_remote_code=True' in snippet
+    assert 'model="<user>/{folder_name}"' in snippet
