@@ -6,19 +6,31 @@ over the ``image_path`` column with ``datasets.map`` (``num_proc`` processes, a 
 - ``pixel_values``: ``(N, P)`` float16 patches (``N`` patches of ``P = C * pd * ph * pw`` values);
 - ``patch_grid``: ``(3,)`` int64 patch grid.
 
-The cache lives in ``cache_dir/<name>-<key>`` where ``key`` hashes the processor settings
-(``image_processor.to_dict()``), the dataset rows and the size/mtime of every image file; it is reused when the
-key matches and rebuilt otherwise. Bad scans (unreadable, truncated, 2D, missing, constant...) are dropped and
-listed with the reason in ``bad_scans.csv`` beside the cached data and counted in the log; with ``fatal=True``
-the first bad scan raises, naming the file. ``streaming=True`` writes nothing to disk: it returns an
-``IterableDataset`` that processes scans lazily as they are read (bad scans are skipped and appended to the
-report as they are met), for corpora larger than the disk.
+The cache lives in ``cache_dir/<name>-<key>`` where ``key`` hashes the format version, the processor settings
+(``image_processor.to_dict()``), the dataset rows and the size, mtime and ctime of every file the loader reads (the
+file itself, or every file of a DICOM folder: a rewritten slice changes the key, and so does a file put back with
+its old mtime, since that sets a new ctime). A matching cache is reused, anything else gets a new folder.
+
+Integrity: ``cache.json`` records the SHA-256 of every file of ``dataset/``; opening a cache checks them (``verify``),
+so bytes changed on disk are never loaded. A cache whose ``cache.json`` is missing or unreadable, whose ``dataset/``
+is missing or whose checksums disagree is rebuilt, with a warning naming the problem.
+
+Concurrency: a build holds the file lock ``<name>-<key>.lock`` (``filelock``), writes into a unique hidden folder
+``.<name>-<key>.tmp-<pid>-<random>`` and renames it into place when complete, so a folder under the final name is
+always complete, and a process that finds the lock taken waits and then reuses what the other one built.
+
+Bad scans (unreadable, truncated, 2D, missing, constant, complex/RGB voxels...: every ``VolumeError`` of the
+processor, which names the file and the reason) are dropped and listed in ``bad_scans.csv`` beside the cached
+data and counted in the log; with ``fatal=True`` the first bad scan raises, naming the file. ``streaming=True``
+writes nothing to disk but the report: it returns an ``IterableDataset`` that processes scans lazily as they are
+read (bad scans are skipped and appended to ``<name>-<key>-streaming/bad_scans.csv`` as they are met), for corpora
+larger than the disk.
 
 Layout of a cache folder::
 
     <name>-<key>/dataset/      datasets.save_to_disk output (memory-mapped Arrow)
     <name>-<key>/bad_scans.csv image_path, subject_id, reason
-    <name>-<key>/cache.json    key, processor settings, counts (written last: marks a complete cache)
+    <name>-<key>/cache.json    key, processor settings, counts, SHA-256 of every dataset/ file
 """
 
 from __future__ import annotations
@@ -29,16 +41,20 @@ import json
 import logging
 import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
+
+from volume_medblip import VolumeError, dicom_files
 
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: keys on every file read, checksums in cache.json
 ERROR_COLUMN = "cache_error"
 BAD_SCANS_FILE = "bad_scans.csv"
 META_FILE = "cache.json"
@@ -56,16 +72,24 @@ def processor_settings(image_processor: Any) -> dict:
     return json.loads(json.dumps(image_processor.to_dict(), sort_keys=True, default=str))
 
 
-def _file_stamp(path: str) -> list:
+def _stat(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+
+
+def _file_stamp(path: str) -> list | None:
+    """Size, mtime and ctime of every file read for `path`: the file, or each file of a DICOM folder (by name)."""
+    location = Path(path)
     try:
-        stat = os.stat(path)
+        if location.is_dir():
+            return [[file.name, *_stat(file)] for file in dicom_files(location)]
+        return _stat(location)
     except OSError:
-        return [None, None]
-    return [stat.st_size, stat.st_mtime_ns]
+        return None
 
 
 def cache_key(dataset: Any, image_processor: Any, image_column: str = "image_path") -> str:
-    """SHA-256 (hex, 16 chars) of the format version, processor settings, rows, and image sizes/mtimes."""
+    """SHA-256 (hex, 16 chars) of the format version, processor settings, rows, and the stats of every file read."""
     digest = hashlib.sha256()
     digest.update(json.dumps([CACHE_FORMAT_VERSION, processor_settings(image_processor)]).encode())
     for row in dataset:
@@ -116,7 +140,7 @@ class _ScanProcessor:
             out = self.image_processor(images=[path], return_tensors="np")
             pixels = np.asarray(out["pixel_values"][0], dtype=np.float16)
             if not np.isfinite(pixels).all():
-                raise ValueError("non-finite values after preprocessing (beyond float16 range?)")
+                raise VolumeError(f"{path}: non-finite values after preprocessing (beyond float16 range?)")
             return {"pixel_values": pixels, "patch_grid": np.asarray(out["patch_grid"][0], dtype=np.int64),
                     ERROR_COLUMN: None}
         except _bad_scan_types() as err:
@@ -154,8 +178,9 @@ def _features(dataset: Any, shape: tuple[int, int] | None) -> Any:
 
 
 def build_cache(dataset: Any, image_processor: Any, cache_dir: str | Path, num_proc: int = 1, fatal: bool = False,
-                streaming: bool = False, image_column: str = "image_path", name: str = "medblip") -> Any:
-    """Preprocess every scan once and cache the patches; see the module docstring for the layout.
+                streaming: bool = False, image_column: str = "image_path", name: str = "medblip",
+                verify: bool = True) -> Any:
+    """Preprocess every scan once and cache the patches; see the module docstring for the layout and guarantees.
 
     Args:
         dataset: ``datasets.Dataset`` (or ``DatasetDict``: each split is cached on its own) with ``image_column``.
@@ -167,6 +192,8 @@ def build_cache(dataset: Any, image_processor: Any, cache_dir: str | Path, num_p
         streaming: return a lazily processed ``IterableDataset`` (nothing cached on disk but the bad-scan report).
         image_column: the column holding image paths.
         name: prefix of the cache folder.
+        verify: check the SHA-256 of the cached files when reusing a cache (reads it once; a broken cache is
+            rebuilt). ``False`` trusts the disk, for caches too large to read at every start.
 
     Returns:
         The cached ``Dataset`` (memory-mapped, bad scans removed) with ``pixel_values`` and ``patch_grid``;
@@ -181,28 +208,103 @@ def build_cache(dataset: Any, image_processor: Any, cache_dir: str | Path, num_p
 
     if isinstance(dataset, datasets.DatasetDict):
         return datasets.DatasetDict({split: build_cache(ds, image_processor, cache_dir, num_proc, fatal, streaming,
-                                                        image_column, f"{name}-{split}")
+                                                        image_column, f"{name}-{split}", verify)
                                      for split, ds in dataset.items()})
     if image_column not in dataset.column_names:
         raise KeyError(f"dataset has no column {image_column!r}; columns: {dataset.column_names}")
     key = cache_key(dataset, image_processor, image_column)
     folder = Path(cache_dir) / f"{name}-{key}"
     if streaming:
-        return _streaming(dataset, image_processor, folder, fatal, image_column)
-    if (folder / META_FILE).is_file():
+        return _streaming(dataset, image_processor, folder.with_name(f"{folder.name}-streaming"), fatal, image_column)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        logger.info("another process is building %s: waiting for it", folder)
+        lock.acquire()
+    try:
+        cached = _open_cache(folder, key, verify)
+        if cached is None:
+            cached = _build(dataset, image_processor, folder, key, num_proc, fatal, image_column)
+        return cached
+    finally:
+        lock.release()
+
+
+def _open_cache(folder: Path, key: str, verify: bool) -> Any | None:
+    """The cached dataset in `folder` when it is complete and intact; None (with a warning) when it must be built."""
+    import datasets
+
+    if not folder.exists():
+        return None
+    problem, meta = _cache_problem(folder, key, verify)
+    if problem is None:
+        try:
+            cached = datasets.load_from_disk(str(folder / "dataset"))
+        except Exception as err:  # a damaged state.json / dataset_info.json that the checksums did not cover
+            problem = f"dataset/ does not load ({type(err).__name__}: {err})"
+    if problem is not None:
+        logger.warning("preprocessing cache %s is broken (%s): rebuilding it", folder, problem)
+        return None
+    logger.info("reusing preprocessing cache %s (%d scans, %d bad)", folder, meta["cached"], meta["bad"])
+    return cached
+
+
+def _cache_problem(folder: Path, key: str, verify: bool) -> tuple[str | None, dict]:
+    """What is wrong with a cache folder (None when nothing is), and its cache.json."""
+    try:
         meta = json.loads((folder / META_FILE).read_text())
-        logger.info("reusing preprocessing cache %s (%d scans, %d bad)", folder, meta["cached"], meta["bad"])
-        return datasets.load_from_disk(str(folder / "dataset"))
-    return _build(dataset, image_processor, folder, key, num_proc, fatal, image_column)
+    except (OSError, ValueError) as err:
+        return f"{META_FILE} missing or unreadable ({type(err).__name__}: {err})", {}
+    fields = ("key", "cached", "bad", "checksums")
+    if not isinstance(meta, dict) or not all(field in meta for field in fields) or meta["key"] != key:
+        return f"{META_FILE} lacks {list(fields)} or is for another key", {}
+    if not (folder / "dataset").is_dir():
+        return "its dataset/ folder is missing", meta
+    for relative, digest in dict(meta["checksums"]).items():
+        path = folder / "dataset" / relative
+        if not path.is_file():
+            return f"dataset/{relative} is missing", meta
+        if verify and _sha256(path) != digest:
+            return f"dataset/{relative} does not match its SHA-256 in {META_FILE}", meta
+    return None, meta
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _build(dataset: Any, image_processor: Any, folder: Path, key: str, num_proc: int, fatal: bool,
            image_column: str) -> Any:
+    """Build into a unique hidden folder, then rename it to `folder` (the caller holds the lock)."""
     import datasets
 
-    if folder.exists():
-        shutil.rmtree(folder)  # an incomplete earlier attempt (no cache.json)
-    folder.mkdir(parents=True)
+    for stale in folder.parent.glob(f".{folder.name}.*"):  # left by killed builds: only the lock holder builds
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
+    try:
+        meta = _write_cache(dataset, image_processor, staging, key, num_proc, fatal, image_column)
+        if folder.exists():  # broken (checked under the lock): moved aside first, so `folder` is never half-deleted
+            broken = folder.with_name(f".{folder.name}.broken-{uuid.uuid4().hex[:8]}")
+            folder.rename(broken)
+            shutil.rmtree(broken, ignore_errors=True)
+        staging.rename(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("preprocessing cache %s: %d scans cached, %d bad scans skipped (listed in %s)",
+                folder, meta["cached"], meta["bad"], folder / BAD_SCANS_FILE)
+    return datasets.load_from_disk(str(folder / "dataset"))
+
+
+def _write_cache(dataset: Any, image_processor: Any, folder: Path, key: str, num_proc: int, fatal: bool,
+                 image_column: str) -> dict:
+    """Process every scan and write dataset/, bad_scans.csv and cache.json (with checksums) into `folder`."""
+    import datasets
+
     shape = _patch_shape(image_processor)
     features = _features(dataset, shape)
     if len(dataset) == 0:  # map adds no columns to an empty dataset
@@ -216,14 +318,15 @@ def _build(dataset: Any, image_processor: Any, folder: Path, key: str, num_proc:
     _write_bad_scans(folder / BAD_SCANS_FILE, bad)
     good = mapped.filter(lambda e: e is None, input_columns=ERROR_COLUMN).remove_columns(ERROR_COLUMN)
     good.save_to_disk(str(folder / "dataset"), num_shards=1 if len(good) == 0 else None)  # 0 shards won't load
+    checksums = {path.relative_to(folder / "dataset").as_posix(): _sha256(path)
+                 for path in sorted((folder / "dataset").rglob("*")) if path.is_file()}
     meta = {"key": key, "format_version": CACHE_FORMAT_VERSION, "processor": processor_settings(image_processor),
-            "rows": len(dataset), "cached": len(good), "bad": len(bad), "pixel_dtype": "float16"}
+            "rows": len(dataset), "cached": len(good), "bad": len(bad), "pixel_dtype": "float16",
+            "checksums": checksums}
     (folder / META_FILE).write_text(json.dumps(meta, indent=2))
-    logger.info("preprocessing cache %s: %d scans cached, %d bad scans skipped (listed in %s)",
-                folder, len(good), len(bad), folder / BAD_SCANS_FILE)
     for path, _, reason in bad[:5]:
         logger.warning("bad scan %s: %s", path, reason)
-    return datasets.load_from_disk(str(folder / "dataset"))
+    return meta
 
 
 def _column(dataset: Any, name: str) -> list:
