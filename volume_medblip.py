@@ -199,7 +199,8 @@ def load_spatial_image(image: Any, volume_index: int | None, num_channels: int, 
         raise VolumeError(f"volume_index={volume_index} is out of range for {shape[3]} volumes")
     if several and volume_index is None and not (num_channels > 1 and shape[3] == num_channels):
         raise VolumeError(f"4D image of shape {shape} holds {shape[3]} volumes; pass volume_index= to pick one")
-    check_real_dtype(image.get_data_dtype())
+    if hasattr(image, "get_data_dtype"):  # the stored type, checked before any voxel is read
+        check_real_dtype(image.get_data_dtype())
     _warn_unknown_orientation(image)
     affine = np.asarray(image.affine, dtype=np.float64)
     try:
@@ -213,8 +214,9 @@ def load_spatial_image(image: Any, volume_index: int | None, num_channels: int, 
 
 def _warn_unknown_orientation(image: Any) -> None:
     """A NIfTI with qform_code = sform_code = 0 stores no orientation: nibabel's affine is a guess from pixdim."""
-    header = image.header
-    if isinstance(image, nibabel.Nifti1Image) and int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
+    if not isinstance(image, nibabel.Nifti1Image):  # Nifti2Image included; MGH and others have no such codes
+        return
+    if int(image.header["qform_code"]) == 0 and int(image.header["sform_code"]) == 0:
         name = image.get_filename() or "nibabel image"
         warnings.warn(f"{name}: NIfTI qform_code and sform_code are both 0, so the file stores no orientation; it is "
                       "read as nibabel's pixdim-only guess and left-right may be mirrored", UserWarning, stacklevel=2)
