@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any, Sequence
 
@@ -139,8 +140,11 @@ class MedBlipProcessor(ProcessorMixin):
 
         The generic loader goes through `AutoImageProcessor`, which demands `trust_remote_code=True` even when
         this class is already imported; the tokenizers still load through `AutoTokenizer` (root folder and the
-        `qformer_tokenizer/` subfolder).
+        `qformer_tokenizer/` subfolder). This processor's own options given to `from_pretrained` (e.g.
+        `record_fields=`) override the saved ones and are not passed to the sub-processors.
         """
+        own = inspect.signature(cls.__init__).parameters
+        kwargs = {key: value for key, value in kwargs.items() if key not in own or key == "kwargs"}
         image_processor = MedBlipImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
         kwargs.pop("subfolder", None)
         tokenizers = [

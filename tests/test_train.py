@@ -176,9 +176,10 @@ def test_resume_refuses_a_changed_seed_learning_rate_or_record_fields(trained, c
                               "by a different run; these settings change the model or the data")
     differences = [line.strip() for line in message.splitlines()[1:-1]]
     assert [line.split(":")[0] for line in differences] == [
-        "frozen_weights_sha256", "model.record_fields", "train.learning_rate", "train.seed"]
+        "frozen_weights_sha256", "model.record_fields", "processor.record_fields", "train.learning_rate", "train.seed"]
     assert differences[1:] == [
         "model.record_fields: ['age', 'sex', 'education', 'mmse', 'apoe4'] in the checkpoint, ['age', 'sex'] now",
+        "processor.record_fields: ['age', 'sex', 'education', 'mmse', 'apoe4'] in the checkpoint, ['age', 'sex'] now",
         "train.learning_rate: 0.001 in the checkpoint, 0.0005 now", "train.seed: 0 in the checkpoint, 1 now"]
     assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == [
         "checkpoint-0000003", "checkpoint-0000006"]
@@ -235,11 +236,13 @@ def test_label_leakage_training_saves_its_record_fields_with_the_processor(train
     saved = json.loads((output / "processor_config.json").read_text())
     assert saved["record_fields"] == ["age", "sex", "education", "mmse", "apoe4"]  # --record_fields default
     model_args, _, _ = train.parse_arguments(["--preset", "tiny", "--record_fields", "age", "MMSE", "notes"])
-    assert model_args.record_fields == ["age", "mmse", "notes"]
     processor = train.build_processor(MedBlipConfig.from_preset("tiny"), model_args)
-    assert processor.record_fields == ["age", "mmse", "notes"]
+    assert processor.record_fields == ["age", "mmse", "notes"]  # the collate and evaluation read these
+    model_args.init_from = str(output)  # fine-tuning a folder: the run's fields replace the saved ones
+    assert train.build_model(model_args)[1].record_fields == ["age", "mmse", "notes"]
+    model_args, _, _ = train.parse_arguments(["--record_fields", "age", "diagnosis"])
     with pytest.raises(ValueError, match=r"record_fields must name distinct fields .* got \['age', 'diagnosis'\]"):
-        train.parse_arguments(["--record_fields", "age", "diagnosis"])
+        train.build_processor(MedBlipConfig.from_preset("tiny"), model_args)  # before any data is read
 
 
 def test_arguments_are_checked(tmp_path):
