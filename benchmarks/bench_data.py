@@ -32,11 +32,10 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     model, processor = train.build_model(model_args)
     accelerator = train.Accelerator(cpu=True)
-    _, _, cached = train.build_data(data_args, processor.image_processor, accelerator)
-    loader = torch.utils.data.DataLoader(
-        cached["train"], batch_size=args.batch_size, shuffle=True, drop_last=True,
-        collate_fn=train.training_collate(processor, model_args, train_args.seed),
-    )
+    cached = train.build_data(data_args, processor.image_processor, accelerator)[-1]
+    loader = train.training_loader(cached["train"], processor, args.batch_size, train_args.seed,
+                                   model_args.record_dropout, model_args.image_dropout,
+                                   train.augmentation_of(processor.image_processor, model_args))
     optimizer = torch.optim.AdamW(train.optimizer_groups(model, 1e-4, 1e-4, 1e-4))
     candidates = processor.candidate_inputs(train.class_labels(model.config))
     keep = int(candidates["candidate_attention_mask"].sum(-1).max()) + 1

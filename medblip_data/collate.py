@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from .augment import VolumeAugmentation
 
@@ -73,4 +74,23 @@ def make_collate(
     return collate
 
 
-__all__ = ["INPUT_MODES", "make_collate", "record_of", "scan_key"]
+def training_loader(dataset: Any, processor: Any, batch_size: int, seed: int, record_dropout: float = 0.0,
+                    image_dropout: float = 0.0, augmentation: VolumeAugmentation | None = None) -> DataLoader:
+    """Shuffled batches of `batch_size` training rows (the last partial batch dropped) through `make_collate`.
+
+    The shuffle has its own generator, seeded with `seed`, so resuming leaves the dropout and augmentation draws
+    (keyed by seed, epoch and scan) intact.
+
+    Raises:
+        ValueError: the dataset cannot fill one batch.
+    """
+    collate = make_collate(processor, processor.record_fields, record_dropout=record_dropout,
+                           image_dropout=image_dropout, seed=seed, augmentation=augmentation)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, collate_fn=collate,
+                        generator=torch.Generator().manual_seed(seed))
+    if len(loader) == 0:
+        raise ValueError(f"{len(dataset)} training volumes cannot fill one batch of {batch_size}")
+    return loader
+
+
+__all__ = ["INPUT_MODES", "make_collate", "record_of", "scan_key", "training_loader"]

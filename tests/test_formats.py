@@ -490,7 +490,8 @@ def model_folder(tmp_path_factory):
     from pipeline_medblip import save_medblip_for_hub
 
     torch.manual_seed(0)
-    model, processor = train.build_model(train.ModelArguments(preset="tiny", target_spacing=[6.0, 6.0, 6.0]))
+    model, processor = train.build_model(train.ModelArguments(preset="tiny", target_spacing=[6.0, 6.0, 6.0],
+                                                              preprocessing="none"))
     return save_medblip_for_hub(model.eval(), processor, tmp_path_factory.mktemp("model") / "tiny")
 
 
@@ -545,7 +546,7 @@ def test_build_data_reads_the_csv_corpus_from_every_format(cohort, expected, tra
     def corpus(source, holdout=("site_B",), **flags):
         data_args = train.DataArguments(manifests=[str(source)], holdout_datasets=list(holdout), val_fraction=0.25,
                                         test_fraction=0.25, **flags)
-        cached = train.build_data(data_args, None, accelerator)[2]
+        cached = train.build_data(data_args, None, accelerator)[-1]
         return {split: _sorted(dataset.to_pandas()) for split, dataset in cached.items()}
 
     def assert_same(got, want, same_paths):

@@ -31,7 +31,8 @@ def tiny_args(cohort: Path, work: Path, output: Path, *extra: str) -> list[str]:
         "--preset", "tiny", "--manifests", str(cohort / "manifest.csv"), "--cache_dir", str(work / "cache"),
         "--output_dir", str(output), "--target_spacing", "6", "6", "6", "--batch_size", "4", "--max_steps", "6",
         "--log_every", "1", "--eval_every", "3", "--save_every", "3", "--keep_last", "2", "--report_to", "none",
-        "--num_proc", "1", "--eval_batch_size", "8", "--max_new_tokens", "4", "--learning_rate", "1e-3", *extra,
+        "--num_proc", "1", "--eval_batch_size", "8", "--max_new_tokens", "4", "--learning_rate", "1e-3",
+        "--preprocessing", "none", *extra,
     ]
 
 
@@ -346,3 +347,31 @@ def test_seed_summary_reports_mean_and_sd_over_seeds(trained, tmp_path):
     assert (tmp_path / "summary.png").stat().st_size > 5000
     with pytest.raises(SystemExit):
         seeds.main(["--seeds", "0", "--out", str(tmp_path)])
+
+
+def test_external_cohort_is_evaluated_never_trained_on(cohort, tmp_path, monkeypatch):
+    """--external_manifests become the 'external' split: all of their scans, none in train/validation/test; the
+    same scans given as both training and external data are refused (a leak)."""
+    import contextlib
+    import types
+
+    import pandas as pd
+
+    from external import generate_external_cohort
+
+    external = generate_external_cohort(tmp_path / "ext", n_per_class=1, size=32, seed=0, num_workers=1)
+    monkeypatch.setattr(train, "build_cache", lambda dataset, *args, **kwargs: dataset)  # records, not patches
+    accelerator = types.SimpleNamespace(main_process_first=contextlib.nullcontext)
+    data_args = train.DataArguments(manifests=[str(cohort / "manifest.csv")], external_manifests=[str(external)])
+    _, sources, corpus, cached = train.build_data(data_args, None, accelerator)
+    rows = pd.read_csv(external)
+    assert sources == [str(external)] and len(cached["external"]) == len(rows) == 3
+    assert sorted(cached["external"]["subject_id"]) == sorted(rows["subject_id"].astype(str))
+    assert set(cached["external"]["dataset"]) == {"external_colin27"}
+    trained_on = {path for split in ("train", "validation", "test") for path in cached[split]["image_path"]}
+    assert not trained_on & set(cached["external"]["image_path"])
+    assert [report.source for report in corpus.source_reports][-1] == str(external.resolve())
+    manifest = str(cohort / "manifest.csv")
+    leak = train.DataArguments(manifests=[manifest], external_manifests=[manifest])
+    with pytest.raises(ValueError, match="leak"):
+        train.build_data(leak, None, accelerator)
