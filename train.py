@@ -423,7 +423,7 @@ def write_outputs(model, processor, state, snapshot, results_by_split, baselines
             {**results_by_split[main_split], "data_sources": snapshot["data_sources"]}, indent=2))
         (out / "eval_results_all_splits.json").write_text(json.dumps(
             {"results": results_by_split, "baselines": baselines}, indent=2))
-        write_model_card(out, results_by_split[main_split], baselines.get(main_split), snapshot, main_split)
+        write_model_card(out, results_by_split, baselines, snapshot, main_split)
     (out / "training_config.json").write_text(json.dumps(snapshot, indent=2, default=str))
     if train_args.push_to_hub:
         upload_folder(repo_id=train_args.hub_model_id, folder_path=str(out),
