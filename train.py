@@ -11,6 +11,11 @@ The file reads top to bottom, like nanoGPT's: arguments -> data -> model and opt
 evaluation -> the training loop -> main (accelerator, resume, loop, final evaluation, Hub folder).
 """
 
+import os
+
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP threads sleep (benchmarks/README.md)
+
 import json
 import logging
 import sys
@@ -139,7 +144,7 @@ class TrainArguments:
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay (matrices only)"})
     warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of steps of linear warmup"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
-    mixed_precision: str = field(default="no", metadata={"help": "'no', 'bf16' or 'fp16'"})
+    mixed_precision: str = field(default="no", metadata={"help": "autocast dtype", "choices": ["no", "bf16", "fp16"]})
     seed: int = field(default=0, metadata={"help": "seed of model init, data order and dropout"})
     log_every: int = field(default=10, metadata={"help": "steps between log lines"})
     eval_every: int = field(default=100, metadata={"help": "steps between validation runs (0 = only at the end)"})
@@ -170,8 +175,6 @@ def parse_arguments(argv: list[str] | None = None):
         parser.set_defaults(**{k: v for group in loaded for k, v in asdict(group).items()})
         argv = overrides
     model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
-    if train_args.mixed_precision not in ("no", "bf16", "fp16"):
-        raise ValueError(f"--mixed_precision must be no, bf16 or fp16, got {train_args.mixed_precision!r}")
     if train_args.eval_only and not (train_args.model_name_or_path and data_args.eval_manifest):
         raise ValueError("--eval_only needs --model_name_or_path and --eval_manifest")
     if train_args.push_to_hub and not train_args.hub_model_id:
@@ -205,14 +208,6 @@ def build_data(data_args: DataArguments, image_processor: MedBlipImageProcessor,
             cached[split] = build_cache(dataset, image_processor, Path(data_args.cache_dir) / split,
                                         num_proc=data_args.num_proc, fatal=data_args.fatal_bad_scans)
     return manifests, external, corpus, cached
-
-
-def augmentation_of(image_processor: MedBlipImageProcessor, model_args: ModelArguments) -> VolumeAugmentation | None:
-    """`--augment` (flip, gamma, noise) and `--scanner_augment` (also pose, resolution, bias field, intensity curve)."""
-    if not model_args.augment:
-        return None
-    build = VolumeAugmentation.scanner_agnostic if model_args.scanner_augment else VolumeAugmentation
-    return build(image_processor.patch_size, image_processor.image_mean, image_processor.image_std)
 
 
 # ----------------------------------------------------------------------------------------------- model and optimizer
@@ -453,9 +448,9 @@ def main(argv: list[str] | None = None) -> dict:
     snapshot["data"].update(manifests=manifests, external_manifests=external)
     snapshot["data_sources"] = [report.to_dict() for report in corpus.source_reports]
     run_config = run_configuration(snapshot, model, processor, cached, accelerator.num_processes)  # before sharding
+    augmentation = model_args.augment and VolumeAugmentation.of(processor.image_processor, model_args.scanner_augment)
     train_loader = training_loader(cached["train"], processor, train_args.batch_size, train_args.seed,
-                                   model_args.record_dropout, model_args.image_dropout,
-                                   augmentation_of(processor.image_processor, model_args))
+                                   model_args.record_dropout, model_args.image_dropout, augmentation or None)
     optimizer = build_optimizer(optimizer_groups(
         model, train_args.weight_decay, train_args.learning_rate, train_args.image_path_learning_rate))
     scheduler = get_cosine_schedule_with_warmup(

@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> dict:
     cached = train.build_data(data_args, processor.image_processor, accelerator)[-1]
     loader = train.training_loader(cached["train"], processor, args.batch_size, train_args.seed,
                                    model_args.record_dropout, model_args.image_dropout,
-                                   train.augmentation_of(processor.image_processor, model_args))
+                                   train.VolumeAugmentation.of(processor.image_processor, model_args.scanner_augment)
+                                   if model_args.augment else None)
     optimizer = torch.optim.AdamW(train.optimizer_groups(model, 1e-4, 1e-4, 1e-4))
     candidates = processor.candidate_inputs(train.class_labels(model.config))
     keep = int(candidates["candidate_attention_mask"].sum(-1).max()) + 1

@@ -234,6 +234,13 @@ class VolumeAugmentation:
                         histogram_warp=RandHistogramWarp())
         return cls(patch_size, image_mean, image_std, **{**settings, **overrides})
 
+    @classmethod
+    def of(cls, image_processor, scanner_agnostic: bool = False) -> "VolumeAugmentation":
+        """The augmentation of an image processor's output (its patch size and standardisation): flip, gamma and
+        noise, or with `scanner_agnostic` every transform (`scanner_agnostic`)."""
+        build = cls.scanner_agnostic if scanner_agnostic else cls
+        return build(image_processor.patch_size, image_processor.image_mean, image_processor.image_std)
+
     def transforms(self) -> list:
         contrast = self.histogram_warp or RandHistogramWarp(log_gamma_range=self.log_gamma_range, prob=0.0)
         steps = [self.affine, RandFlip(self.flip_probability), self.resolution, self.bias_field, contrast]

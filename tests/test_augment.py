@@ -179,3 +179,13 @@ def test_scanner_agnostic_augmentation_is_reproducible_and_in_range(scan):
         assert out.shape == patches.shape and torch.isfinite(out).all()
         assert float(out.min()) >= -1.0 - 1e-6 and float(out.max()) <= 1.0 + 1e-6
     assert len({round(float(out.float().mean()), 4) for out in outputs}) == 6
+
+
+def test_augmentation_of_a_processor_follows_its_patches_and_standardisation():
+    processor = MedBlipImageProcessor(volume_size=(16, 16, 16), patch_size=(8, 8, 8), image_mean=0.25, image_std=0.5)
+    basic, scanner = VolumeAugmentation.of(processor), VolumeAugmentation.of(processor, scanner_agnostic=True)
+    assert (basic.patch_size, basic.image_mean, basic.image_std) == ([8, 8, 8], 0.25, 0.5)
+    assert basic.affine is None and basic.bias_field is None and basic.resolution is None
+    assert scanner.affine is not None and scanner.bias_field is not None and scanner.histogram_warp is not None
+    assert [type(t).__name__ for t in scanner.transforms()] == [
+        "RandAffine", "RandFlip", "RandResolution", "RandBiasField", "RandHistogramWarp"]
