@@ -152,8 +152,8 @@ orientation), runs the `{preprocessing}` preprocessing (`t1-linear`: bias-field 
 affine registration to MNI152, crop to the brain box), reorients to RAS, resamples to {target_spacing} mm, crops
 to the foreground, scales intensities robustly to [0, 1], fits the volume into {volume_size} voxels keeping the
 aspect ratio, standardises it to [-1, 1] (`image_mean` = `image_std` = 0.5, background -1) and cuts {patch_size}
-patches. Health-record fields given to the
-model: {record_fields} (saved as `record_fields` in `processor_config.json`; inference renders only these).
+patches. Health-record fields given to the model: {record_fields} (saved as `record_fields` in
+`processor_config.json`; inference renders only these).
 
 ## Evaluation ({split} split: {n} volumes)
 {results_table}
