@@ -14,7 +14,7 @@ evaluation -> the training loop -> main (accelerator, resume, loop, final evalua
 import os
 
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP threads sleep (benchmarks/README.md)
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # before torch: idle OpenMP threads spin briefly, then sleep
 
 import json
 import logging
@@ -146,6 +146,7 @@ class TrainArguments:
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
     mixed_precision: str = field(default="no", metadata={"help": "autocast dtype", "choices": ["no", "bf16", "fp16"]})
     seed: int = field(default=0, metadata={"help": "seed of model init, data order and dropout"})
+    num_threads: int = field(default=0, metadata={"help": "torch threads per process; 0: the cores left free"})
     log_every: int = field(default=10, metadata={"help": "steps between log lines"})
     eval_every: int = field(default=100, metadata={"help": "steps between validation runs (0 = only at the end)"})
     load_best_model_at_end: bool = field(default=True, metadata={
@@ -434,8 +435,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    torch.set_num_threads(distributed.torch_threads(train_args.num_threads, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     snapshot = {"model": asdict(model_args), "data": asdict(data_args), "train": asdict(train_args)}
-    logger.info("resolved configuration:\n%s", json.dumps(snapshot, indent=2))
+    logger.info("%d torch threads; configuration:\n%s", torch.get_num_threads(), json.dumps(snapshot, indent=2))
     if train_args.eval_only:
         return run_eval_only(data_args, train_args, model_args, accelerator)
     refuse_used_output_dir(train_args.output_dir, train_args.resume_from_checkpoint,

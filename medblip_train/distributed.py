@@ -6,11 +6,24 @@ between sharded and full tensors, and the unsharded model to export.
         torchrun --nproc_per_node 2 train.py ...                                       # CPU (gloo) or GPUs
 """
 
+import os
+
 import torch
 from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
 from accelerate.utils import DistributedType, parse_flag_from_env
 from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, distribute_tensor
+
+
+def torch_threads(requested: int, local_processes: int = 1) -> int:
+    """Threads per process: `requested` when > 0, else this process's share of the cores that other programs leave
+    free (cores minus the 1-minute load average, rounded), at least 1. Another busy process on a 2-core machine makes
+    2 threads slower than 1 (benchmarks/README.md, "Threads"), so a loaded machine gets 1."""
+    if requested > 0:
+        return requested
+    cores = os.cpu_count() or 1
+    free = cores - round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else cores
+    return max(1, min(cores, free) // max(1, local_processes))
 
 
 def make_accelerator(**kwargs) -> Accelerator:

@@ -25,7 +25,9 @@ SAFE_TO_CHANGE: frozenset[str] = frozenset({
     # where things are: the rows themselves are compared through `data_fingerprint`
     "data.manifests", "data.synthetic_dir", "data.cache_dir", "data.num_proc", "data.fatal_bad_scans",
     "data.eval_manifest",
+    "data.external_manifests", "data.external_dir", "data.external_n_per_class",  # evaluated only, never trained on
     "model.activation_checkpointing",  # recomputes the same activations
+    "train.num_threads",  # how fast, not what
 })
 FINGERPRINTED_SPLITS = ("train", "validation")
 NOT_FINGERPRINTED_COLUMNS = ("pixel_values", "patch_grid")

@@ -32,7 +32,7 @@ def tiny_args(cohort: Path, work: Path, output: Path, *extra: str) -> list[str]:
         "--output_dir", str(output), "--target_spacing", "6", "6", "6", "--batch_size", "4", "--max_steps", "6",
         "--log_every", "1", "--eval_every", "3", "--save_every", "3", "--keep_last", "2", "--report_to", "none",
         "--num_proc", "1", "--eval_batch_size", "8", "--max_new_tokens", "4", "--learning_rate", "1e-3",
-        "--preprocessing", "none", *extra,
+        "--preprocessing", "none", "--num_threads", "1", *extra,
     ]
 
 
@@ -379,3 +379,14 @@ def test_external_cohort_is_evaluated_never_trained_on(cohort, tmp_path, monkeyp
     leak = train.DataArguments(manifests=[manifest], external_manifests=[manifest])
     with pytest.raises(ValueError, match="leak"):
         train.build_data(leak, None, accelerator)
+
+
+def test_thread_policy_uses_the_cores_left_free(monkeypatch):
+    """--num_threads 0: cores minus the 1-minute load average, shared by the local processes, at least 1."""
+    from medblip_train.distributed import torch_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    for load, processes, expected in ((0.2, 1, 8), (2.6, 1, 5), (7.9, 1, 1), (12.0, 1, 1), (0.0, 2, 4), (3.0, 2, 2)):
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        assert torch_threads(0, processes) == expected, (load, processes)
+    assert torch_threads(3, 2) == 3  # an explicit count wins
