@@ -1,5 +1,6 @@
 """How the `small`-preset training step degrades when another process holds a core: 1 vs 2 torch threads, with
-OpenMP's default (spinning) wait policy and with `OMP_WAIT_POLICY=PASSIVE` (what `train.py` sets).
+OpenMP's default wait (spin 300k iterations, then sleep), `OMP_WAIT_POLICY=PASSIVE` (sleep at once) and
+`GOMP_SPINCOUNT=10000` (spin briefly: what `train.py` sets).
 
     python benchmarks/bench_threads.py [--steps 4]
 
@@ -50,10 +51,12 @@ print(json.dumps(times))
 """
 
 
-def run(threads: int, policy: str | None, busy: bool, steps: int) -> float:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
-    if policy:
-        env["OMP_WAIT_POLICY"] = policy
+POLICIES = {"default": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "spin10000": {"GOMP_SPINCOUNT": "10000"}}
+
+
+def run(threads: int, policy: str, busy: bool, steps: int) -> float:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")}
+    env.update(POLICIES[policy])
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
     try:
         out = subprocess.run([sys.executable, "-c", WORKER.format(repo=str(REPO_ROOT), threads=threads, steps=steps)],
@@ -71,14 +74,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     results = {}
     for busy in (False, True):
-        for threads, policy in ((1, None), (2, None), (2, "PASSIVE")):
+        for threads, policy in ((1, "default"), (2, "default"), (2, "passive"), (2, "spin10000")):
             start = time.perf_counter()
             results[(busy, threads, policy)] = run(threads, policy, busy, args.steps)
-            print(f"# {'busy' if busy else 'quiet'} {threads} thread(s) {policy or 'default'}: "
+            print(f"# {'busy' if busy else 'quiet'} {threads} thread(s) {policy}: "
                   f"{time.perf_counter() - start:.0f} s", file=sys.stderr)
-    reference = results[(False, 1, None)]
+    reference = results[(False, 1, "default")]
     for (busy, threads, policy), seconds in results.items():
-        name = f"step_ms_{'busy' if busy else 'quiet'}_{threads}_threads_{(policy or 'active').lower()}"
+        name = f"step_ms_{'busy' if busy else 'quiet'}_{threads}_threads_{policy}"
         print(f"{name}: {1000 * seconds:.1f} ({seconds / reference:.2f}x 1 thread alone)")
     return {f"{b}-{t}-{p}": s for (b, t, p), s in results.items()}
 
