@@ -23,6 +23,10 @@ try:  # optional: DICOM folders are readable only when pydicom is installed
     import pydicom
 except ImportError:  # pragma: no cover - depends on the environment
     pydicom = None
+try:  # optional: ISA-L's gzip decompression reads .nii.gz files 2-3x faster than zlib
+    from isal import igzip
+except ImportError:  # pragma: no cover - depends on the environment
+    igzip = None
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh")
 
@@ -204,12 +208,24 @@ def load_spatial_image(image: Any, volume_index: int | None, num_channels: int, 
     _warn_unknown_orientation(image)
     affine = np.asarray(image.affine, dtype=np.float64)
     try:
-        source = image.dataobj[:, :, :, volume_index] if several and volume_index is not None else image.dataobj
-        data = np.asanyarray(source)
+        if several and volume_index is not None:  # only that volume is decompressed
+            data = np.asanyarray(image.dataobj[:, :, :, volume_index])
+        else:
+            fast = _fast_gzip_nifti(image)
+            data = np.asanyarray(image.dataobj if fast is None else fast)
     except Exception as err:  # nibabel/zlib/gzip raise many types for damaged files
         raise VolumeError(f"unreadable or truncated image data ({type(err).__name__}: {err})") from err
     check_real_dtype(data.dtype)
     return Volume(_select_volume(data, None, num_channels), affine)
+
+
+def _fast_gzip_nifti(image: Any) -> Any:
+    """The data object of a `.nii.gz` NIfTI decompressed whole by ISA-L (the `isal` package: 2-3x faster than zlib,
+    which nibabel reads through), or None to read through nibabel (another format, or `isal` not installed)."""
+    filename = image.get_filename() if isinstance(image, nibabel.Nifti1Image) else None
+    if igzip is None or not filename or not filename.lower().endswith(".nii.gz"):
+        return None
+    return type(image).from_bytes(igzip.decompress(Path(filename).read_bytes())).dataobj
 
 
 def _warn_unknown_orientation(image: Any) -> None:

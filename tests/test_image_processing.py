@@ -576,3 +576,29 @@ def test_tiny_spacing_reports_that_it_collapses_the_volume(tmp_path):
         MedBlipImageProcessor(**SMALL)(path)
     with pytest.raises(VolumeError, match=r"spacing \(1\.0, 1\.0, 0\.05\) mm collapses the volume"):
         MedBlipImageProcessor(**SMALL)(data, spacing=(1.0, 1.0, 0.05), orientation="RAS")
+
+
+def test_gzip_nifti_read_by_isal_equals_nibabel_read(tmp_path, anatomical_nii, monkeypatch):
+    """A .nii.gz is decompressed whole by ISA-L when `isal` is installed: the same voxels (scaling included) and
+    the same processed volume as nibabel's own read; a truncated file is still a VolumeError naming the problem."""
+    import volume_medblip
+
+    pytest.importorskip("isal")
+    source = nibabel.load(anatomical_nii)
+    image = nibabel.Nifti1Image(np.asarray(source.dataobj), source.affine)
+    image.header.set_slope_inter(0.5, 10.0)  # stored int16 with scaling: the reader must apply it
+    path = tmp_path / "scan.nii.gz"
+    nibabel.save(image, str(path))
+    fast = volume_medblip._fast_gzip_nifti(nibabel.load(str(path)))
+    assert fast is not None
+    np.testing.assert_array_equal(np.asanyarray(fast), np.asanyarray(nibabel.load(str(path)).dataobj))
+    processor = MedBlipImageProcessor(volume_size=(32, 32, 32), patch_size=(8, 8, 8))
+    with_isal = processor(str(path))["pixel_values"]
+    monkeypatch.setattr(volume_medblip, "igzip", None)
+    assert volume_medblip._fast_gzip_nifti(nibabel.load(str(path))) is None
+    torch.testing.assert_close(processor(str(path))["pixel_values"], with_isal, rtol=0, atol=0)
+    monkeypatch.undo()
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes(path.read_bytes()[:-200])
+    with pytest.raises(VolumeError, match="truncated"):
+        processor(str(truncated))
