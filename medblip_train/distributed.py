@@ -7,6 +7,7 @@ between sharded and full tensors, and the unsharded model to export.
 """
 
 import os
+import time
 
 import torch
 from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
@@ -15,15 +16,32 @@ from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 
+def busy_cores(interval: float = 0.5) -> float:
+    """Cores kept busy by other programs right now, from two reads of Linux's /proc/stat `interval` seconds apart
+    (this process sleeps in between, so it does not count); the 1-minute load average elsewhere."""
+    def counters() -> list[int]:
+        with open("/proc/stat") as stat:
+            return [int(value) for value in stat.readline().split()[1:]]
+
+    try:
+        before = counters()
+        time.sleep(interval)
+        after = counters()
+    except (OSError, ValueError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    delta = [b - a for a, b in zip(before, after)]
+    idle = delta[3] + (delta[4] if len(delta) > 4 else 0)  # idle + iowait
+    return (os.cpu_count() or 1) * (1 - idle / max(1, sum(delta)))
+
+
 def torch_threads(requested: int, local_processes: int = 1) -> int:
     """Threads per process: `requested` when > 0, else this process's share of the cores that other programs leave
-    free (cores minus the 1-minute load average, rounded), at least 1. Another busy process on a 2-core machine makes
-    2 threads slower than 1 (benchmarks/README.md, "Threads"), so a loaded machine gets 1."""
+    free (`busy_cores`), at least 1. Another busy process on a 2-core machine makes 2 threads slower than 1
+    (benchmarks/README.md, "Threads"), so a busy machine gets 1."""
     if requested > 0:
         return requested
     cores = os.cpu_count() or 1
-    free = cores - round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else cores
-    return max(1, min(cores, free) // max(1, local_processes))
+    return max(1, min(cores, cores - round(busy_cores())) // max(1, local_processes))
 
 
 def make_accelerator(**kwargs) -> Accelerator:

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -382,11 +383,27 @@ def test_external_cohort_is_evaluated_never_trained_on(cohort, tmp_path, monkeyp
 
 
 def test_thread_policy_uses_the_cores_left_free(monkeypatch):
-    """--num_threads 0: cores minus the 1-minute load average, shared by the local processes, at least 1."""
-    from medblip_train.distributed import torch_threads
+    """--num_threads 0: cores minus the cores other programs keep busy, shared by the local processes, at least 1."""
+    from medblip_train import distributed
 
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
-    for load, processes, expected in ((0.2, 1, 8), (2.6, 1, 5), (7.9, 1, 1), (12.0, 1, 1), (0.0, 2, 4), (3.0, 2, 2)):
-        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
-        assert torch_threads(0, processes) == expected, (load, processes)
-    assert torch_threads(3, 2) == 3  # an explicit count wins
+    for busy, processes, expected in ((0.2, 1, 8), (2.6, 1, 5), (7.9, 1, 1), (12.0, 1, 1), (0.0, 2, 4), (3.0, 2, 2)):
+        monkeypatch.setattr(distributed, "busy_cores", lambda busy=busy: busy)
+        assert distributed.torch_threads(0, processes) == expected, (busy, processes)
+    assert distributed.torch_threads(3, 2) == 3  # an explicit count wins
+
+
+def test_busy_cores_sees_a_busy_process():
+    """/proc/stat sampled while one pure-Python loop runs: at least about half a core busy, at most every core."""
+    from medblip_train.distributed import busy_cores
+
+    if not Path("/proc/stat").exists():
+        pytest.skip("Linux /proc/stat")
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        busy = busy_cores(0.5)
+    finally:
+        hog.kill()
+        hog.wait()
+    assert 0.5 < busy <= (os.cpu_count() or 1) + 1e-6
