@@ -151,6 +151,8 @@ class TrainArguments:
     eval_every: int = field(default=100, metadata={"help": "steps between validation runs (0 = only at the end)"})
     load_best_model_at_end: bool = field(default=True, metadata={
         "help": "end with the weights of the best validation step (likelihood, image+text)"})
+    select_on: str = field(default="balanced_accuracy", metadata={
+        "help": "validation criterion of the best step", "choices": ["balanced_accuracy", "nll"]})
     save_every: int = field(default=200, metadata={"help": "steps between checkpoints (0 = only at the end)"})
     keep_last: int = field(default=2, metadata={"help": "checkpoints of this run kept (0 = all)"})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder"})
@@ -287,14 +289,14 @@ def build_optimizer(groups: list[dict]) -> torch.optim.AdamW:
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
-def validation_score(model, processor, cached_validation, model_args, train_args, accelerator, metric) -> float:
-    """Balanced accuracy (likelihood decoder, image + text) on the validation split; each process evaluates a share."""
+def validation_score(model, processor, cached_validation, model_args, train_args, accelerator, metric) -> dict:
+    """Metrics of the likelihood decoder with image + text on the validation split; each process evaluates a share."""
     model.eval()
     results, _ = evaluate_dataset(model, processor, cached_validation, processor.record_fields,
                                   train_args.eval_batch_size, 1, accelerator.device, metric, modes=("image_text",),
                                   decoders=("likelihood",), distributed=True)
     model.train()
-    return results["likelihood"]["image_text"]["all"]["balanced_accuracy"]
+    return results["likelihood"]["image_text"]["all"]
 
 
 def evaluate_splits(model, processor, cached, corpus, model_args, train_args, accelerator) -> tuple[dict, dict]:
@@ -388,13 +390,15 @@ def train_loop(model, optimizer, scheduler, train_loader, state, best_weights, v
                          time.time() - window_start)
                 window_start, window_volumes = time.time(), 0
             if train_args.eval_every and state.step % train_args.eval_every == 0:
-                score = validate()  # every process: each evaluates a share
-                if score > state.best_score:  # trainable weights only: frozen ones never change
+                metrics = validate()  # every process: each evaluates a share
+                score = metrics["balanced_accuracy"] if train_args.select_on == "balanced_accuracy" else -metrics["nll"]
+                if state.best_step < 0 or score > state.best_score:  # trainable weights only: frozen ones never change
                     state.best_score, state.best_step = score, state.step
                     best_weights = distributed.trainable_weights(unwrapped)
-                state.history.append({"step": state.step, "val_balanced_accuracy": score})
-                accelerator.log({"val_balanced_accuracy": score}, step=state.step)
-                logger.info("step %d validation balanced accuracy (likelihood, image+text) %.3f", state.step, score)
+                entry = {"val_balanced_accuracy": metrics["balanced_accuracy"], "val_nll": metrics["nll"]}
+                state.history.append({"step": state.step, **entry})
+                accelerator.log(entry, step=state.step)
+                logger.info("step %d validation balanced accuracy %.3f, nll %.4f", state.step, *entry.values())
             if train_args.save_every and state.step % train_args.save_every == 0:
                 checkpoints.save(best_weights)
             if state.step >= train_args.max_steps:
@@ -478,8 +482,8 @@ def main(argv: list[str] | None = None) -> dict:
     # final evaluation (every process a share) and Hub folder
     if train_args.load_best_model_at_end and best_weights is not None:
         distributed.load_trainable_weights(unwrapped, best_weights)
-        logger.info("loaded the weights of step %d (validation balanced accuracy %.3f)", state.best_step,
-                    state.best_score)
+        logger.info("loaded the weights of step %d (validation %s %.4f)", state.best_step, train_args.select_on,
+                    abs(state.best_score))
         snapshot["best_step"] = state.best_step
     unwrapped.eval()
     results_by_split, baselines = evaluate_splits(unwrapped, processor, cached, corpus, model_args, train_args,

@@ -46,7 +46,14 @@ def plot_learning_curves(history: list[dict], path: Path) -> None:
     left.set(xlabel="step", ylabel="training loss", yscale="log", title="training losses")
     left.legend()
     if val:
-        right.plot([h["step"] for h in val], [h["val_balanced_accuracy"] for h in val], marker="o")
+        right.plot([h["step"] for h in val], [h["val_balanced_accuracy"] for h in val], marker="o",
+                   label="balanced accuracy")
+    nll = [(h["step"], h["val_nll"]) for h in val if h.get("val_nll") is not None]
+    if nll:
+        twin = right.twinx()
+        twin.plot(*zip(*nll), color="C3", marker="s", linestyle=":", label="nll (right axis)")
+        twin.set_ylabel("negative log-likelihood of the true answer")
+        twin.legend(loc="lower right")
     right.axhline(1 / 3, color="grey", linestyle="--", label="chance")
     right.set(xlabel="step", ylabel="balanced accuracy", ylim=(0, 1), title="validation (likelihood, image+text)")
     right.legend()

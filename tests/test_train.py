@@ -407,3 +407,17 @@ def test_busy_cores_sees_a_busy_process():
         hog.kill()
         hog.wait()
     assert 0.5 < busy <= (os.cpu_count() or 1) + 1e-6
+
+
+def test_select_on_nll_keeps_the_step_of_the_lowest_validation_nll(cohort, tmp_path):
+    """--select_on nll: the final weights are those of the validation step with the lowest negative log-likelihood,
+    and every validation step logs both criteria."""
+    output = tmp_path / "out"
+    train.main(tiny_args(cohort, tmp_path, output, "--select_on", "nll", "--eval_every", "2", "--save_every", "0"))
+    history = json.loads((output / "training_config.json").read_text())
+    state = json.loads(max((output / "checkpoints").glob("checkpoint-*")).joinpath("trainer_state.json").read_text())
+    validations = [h for h in state["history"] if "val_nll" in h]
+    assert [h["step"] for h in validations] == [2, 4, 6]
+    assert all(0 <= h["val_balanced_accuracy"] <= 1 and h["val_nll"] > 0 for h in validations)
+    best = min(validations, key=lambda h: (h["val_nll"], h["step"]))
+    assert history["best_step"] == best["step"]
