@@ -421,3 +421,24 @@ def test_select_on_nll_keeps_the_step_of_the_lowest_validation_nll(cohort, tmp_p
     assert all(0 <= h["val_balanced_accuracy"] <= 1 and h["val_nll"] > 0 for h in validations)
     best = min(validations, key=lambda h: (h["val_nll"], h["step"]))
     assert history["best_step"] == best["step"]
+
+
+def test_selection_study_scores_every_checkpoint_and_applies_each_criterion(trained, tmp_path):
+    """medblip_eval.selection rebuilds a finished run's splits, scores each kept checkpoint and reports the step each
+    criterion picks with that step's held-out balanced accuracy."""
+    from medblip_eval import selection
+
+    output, _ = trained
+    summary = selection.main([str(output), "--out", str(tmp_path / "selection.json")])
+    saved = json.loads((tmp_path / "selection.json").read_text())
+    steps = {int(step): scores for step, scores in saved["runs"][str(output)].items()}
+    assert sorted(steps) == [3, 6]
+    assert all(0 <= s["val_ba"] <= 1 and s["val_nll"] > 0 and 0 <= s["zeroshot"] <= 1 for s in steps.values())
+    assert summary["last step"]["steps"] == [6]
+    best_val = max(steps, key=lambda s: (steps[s]["val_ba"], -s))
+    assert summary["best validation balanced accuracy"]["steps"] == [best_val]
+    assert summary["best validation balanced accuracy"]["zeroshot"] == pytest.approx(steps[best_val]["zeroshot"])
+    lowest_nll = min(steps, key=lambda s: (steps[s]["val_nll"], s))
+    assert summary["lowest validation nll"]["steps"] == [lowest_nll]
+    oracle = summary["oracle (best held-out)"]["zeroshot"]
+    assert oracle == pytest.approx(max(s["zeroshot"] for s in steps.values()))
