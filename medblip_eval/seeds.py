@@ -45,7 +45,8 @@ def summarize(runs: dict[int, dict]) -> dict:
     """`{split: {"model": {decoder: {mode: mean_sd}}, "baselines": {name: mean_sd}, "image_adds": {...}}}` of the
     balanced accuracy over seeds. `image_adds` compares image + text with text only, seed by seed."""
     summary = {}
-    splits = sorted(set.intersection(*(set(run["results"]) for run in runs.values())))
+    first = next(iter(runs.values()))["results"]  # in the order the runs evaluated them
+    splits = [split for split in first if all(split in run["results"] for run in runs.values())]
     for split in splits:
         model = {decoder: {mode: mean_sd([run["results"][split][decoder][mode]["all"]["balanced_accuracy"]
                                           for run in runs.values()]) for mode in MODES} for decoder in DECODERS}
