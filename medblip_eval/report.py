@@ -183,6 +183,14 @@ Always pin `revision` to a commit hash you have read: the repository's Python fi
 (`pipeline_medblip.load_medblip_pipeline` refuses a Hub id without `revision=`). The prompt shows only the record
 fields listed above; other fields given (e.g. CDR) are left out and logged.
 
+## What you can rely on
+- The processor is the training run's: `processor_config.json` holds the preprocessing, the grid, the intensity
+  scaling and the `record_fields`; a prompt renders only those fields, checks their ranges (age 0-120, MMSE 0-30,
+  APOE e4 0-2, CDR 0/0.5/1/2/3) and keeps special-token strings in free text as text.
+- Arrays need an affine or an explicit orientation; a NIfTI without qform/sform is read with a warning naming it.
+- Weights are safetensors only. The training run's checkpoints held no pickle and resumed bit-exactly on CPU; its
+  preprocessing cache was keyed on every file read and checked by SHA-256 (see the repository's README).
+
 ## Limitations
 Trained on a small cohort for a few hundred steps on CPU; MMSE in the record is a near-proxy of the label, so
 compare with the text-only row. The `external` split (when present) comes from an independent generator with
