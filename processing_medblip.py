@@ -7,7 +7,7 @@ import logging
 from typing import Any, Sequence
 
 import torch
-from transformers import BatchFeature, ProcessorMixin
+from transformers import BatchFeature, PreTrainedConfig, ProcessorMixin
 
 
 try:
@@ -147,6 +147,10 @@ class MedBlipProcessor(ProcessorMixin):
         kwargs = {key: value for key, value in kwargs.items() if key not in own or key == "kwargs"}
         image_processor = MedBlipImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
         kwargs.pop("subfolder", None)
+        # AutoTokenizer reads the folder's config.json first; a MedBLIP model folder's config names remote code,
+        # which without trust_remote_code means a 15 s interactive prompt. The tokenizer class comes from
+        # tokenizer_config.json, so a blank config (what that prompt falls back to) loads the same tokenizers.
+        kwargs.setdefault("config", PreTrainedConfig())
         tokenizers = [
             cls._load_tokenizer_from_pretrained(name, pretrained_model_name_or_path, **kwargs)
             for name in ("tokenizer", "qformer_tokenizer")

@@ -67,9 +67,14 @@ class BadScanError(ValueError):
 # ---------------------------------------------------------------------------- keys
 
 
+# Keys that saving and reloading adds to `to_dict()` without changing what the processor computes.
+_LOADER_KEYS = ("auto_map", "processor_class", "_processor_class")
+
+
 def processor_settings(image_processor: Any) -> dict:
-    """JSON form of the processor's settings (``to_dict()``), used in the cache key."""
-    return json.loads(json.dumps(image_processor.to_dict(), sort_keys=True, default=str))
+    """JSON form of the processor's settings (``to_dict()`` less loader bookkeeping), used in the cache key."""
+    settings = {key: value for key, value in image_processor.to_dict().items() if key not in _LOADER_KEYS}
+    return json.loads(json.dumps(settings, sort_keys=True, default=str))
 
 
 def _stat(path: Path) -> list[int]:

@@ -17,7 +17,7 @@ import pytest
 from conftest import REPO_ROOT
 
 from image_processing_medblip import MedBlipImageProcessor
-from medblip_data.cache import BadScanError, build_cache, cache_folder_of, read_bad_scans
+from medblip_data.cache import BadScanError, build_cache, cache_folder_of, cache_key, read_bad_scans
 
 
 def write_scan(path, shape=(20, 24, 20), seed=0, axcodes_flip=False):
@@ -75,6 +75,16 @@ def test_cache_reused_and_rebuilt_on_settings_change(good_dataset, processor, tm
     assert other != first
     rows = cache_folder_of(build_cache(good_dataset.select([0, 1]), processor, tmp_path / "cache"))
     assert rows not in (first, other)  # manifest content is part of the key
+
+
+def test_cache_reused_by_a_processor_reloaded_from_a_saved_model(good_dataset, processor, tmp_path):
+    # Saving adds `auto_map` to `to_dict()`; evaluating a saved model must reuse the training run's caches.
+    key_at_training = cache_key(good_dataset, processor)
+    assert "auto_map" not in processor.to_dict()
+    processor.save_pretrained(str(tmp_path / "model"))
+    reloaded = MedBlipImageProcessor.from_pretrained(str(tmp_path / "model"))
+    assert "auto_map" in reloaded.to_dict()
+    assert cache_key(good_dataset, reloaded) == key_at_training
 
 
 def test_bad_scans_skipped_and_reported(bad_dataset, processor, tmp_path, caplog):

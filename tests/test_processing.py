@@ -235,6 +235,27 @@ def test_save_and_auto_load_offline_in_fresh_process(processor, tmp_path):
     assert reloaded.image_processor.to_dict() == processor.image_processor.to_dict()
 
 
+def test_loading_from_a_model_folder_never_asks_about_remote_code(processor, tmp_path, monkeypatch):
+    # A model folder's config.json names remote code; loading the processor class directly must not reach
+    # transformers' trust_remote_code question (an interactive prompt, 15 s, then a fallback).
+    from configuration_medblip import MedBlipConfig
+
+    folder = tmp_path / "model"
+    processor.save_pretrained(str(folder))
+    MedBlipConfig().save_pretrained(str(folder))
+    assert "auto_map" in json.loads((folder / "config.json").read_text())
+    import transformers.models.auto.configuration_auto as configuration_auto
+
+    def asked(*args, **kwargs):
+        raise AssertionError("trust_remote_code was asked for")
+
+    monkeypatch.setattr(configuration_auto, "resolve_trust_remote_code", asked)
+    reloaded = MedBlipProcessor.from_pretrained(str(folder))
+    assert reloaded.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
+    assert reloaded.qformer_tokenizer.get_vocab() == processor.qformer_tokenizer.get_vocab()
+    assert type(reloaded.tokenizer) is type(processor.tokenizer)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # issue 12, case 8: label leakage through record_fields at inference
 
