@@ -151,8 +151,8 @@ class TrainArguments:
     eval_every: int = field(default=100, metadata={"help": "steps between validation runs (0 = only at the end)"})
     load_best_model_at_end: bool = field(default=True, metadata={
         "help": "end with the weights of the best validation step (likelihood, image+text)"})
-    select_on: str = field(default="balanced_accuracy", metadata={
-        "help": "validation criterion of the best step", "choices": ["balanced_accuracy", "nll"]})
+    select_on: str = field(default="nll", metadata={  # why nll: docs/experiments.md, model selection
+        "help": "validation criterion of the best step", "choices": ["nll", "balanced_accuracy"]})
     save_every: int = field(default=200, metadata={"help": "steps between checkpoints (0 = only at the end)"})
     keep_last: int = field(default=2, metadata={"help": "checkpoints of this run kept (0 = all)"})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder"})

@@ -19,6 +19,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+from scipy.spatial.transform import Rotation
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -33,18 +34,10 @@ POSE_DEGREES = (9.0, -8.0, 7.0)  # 14.2 degrees about one axis
 POSE_SHIFT_MM = (20.0, -15.0, 10.0)  # 27 mm
 
 
-def rotation(degrees):
-    a, b, c = np.deg2rad(degrees)
-    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
-    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
-    rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
 def posed(data, affine, degrees=POSE_DEGREES, shift=POSE_SHIFT_MM, axcodes="PIR"):
     """The head rotated about the brain centre and shifted, resampled on an axis-aligned grid, stored `axcodes`."""
     pose = np.eye(4)
-    pose[:3, :3] = rotation(degrees)
+    pose[:3, :3] = Rotation.from_euler("xyz", degrees, degrees=True).as_matrix()
     centre = np.array([0.0, -18.0, 8.0])
     pose[:3, 3] = centre - pose[:3, :3] @ centre + np.asarray(shift)
     spacing = float(np.linalg.norm(affine[:3, :3], axis=0).mean())

@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
+from scipy.spatial.transform import Rotation
 
 import t1_linear_medblip as t1l
 
@@ -20,18 +21,10 @@ ANGLES_DEG = (9.0, -8.0, 7.0)  # 14.2 degrees about one axis
 SHIFT_MM = (20.0, -15.0, 10.0)
 
 
-def rotation(degrees):
-    a, b, c = np.deg2rad(degrees)
-    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
-    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
-    rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
 def head_pose(degrees=ANGLES_DEG, shift=SHIFT_MM, centre=(0.0, -18.0, 8.0)):
     """World transform moving the head: rotation about the brain centre, then a shift (mm)."""
     pose = np.eye(4)
-    pose[:3, :3] = rotation(degrees)
+    pose[:3, :3] = Rotation.from_euler("xyz", degrees, degrees=True).as_matrix()
     pose[:3, 3] = np.asarray(centre) - pose[:3, :3] @ np.asarray(centre) + np.asarray(shift)
     return pose
 

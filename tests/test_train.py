@@ -409,17 +409,22 @@ def test_busy_cores_sees_a_busy_process():
     assert 0.5 < busy <= (os.cpu_count() or 1) + 1e-6
 
 
-def test_select_on_nll_keeps_the_step_of_the_lowest_validation_nll(cohort, tmp_path):
-    """--select_on nll: the final weights are those of the validation step with the lowest negative log-likelihood,
-    and every validation step logs both criteria."""
+@pytest.mark.parametrize("select_on", [None, "nll", "balanced_accuracy"])
+def test_select_on_keeps_the_step_of_the_best_validation_score(cohort, tmp_path, select_on):
+    """The final weights are those of the validation step with the lowest negative log-likelihood (the default) or
+    the highest balanced accuracy (earliest on ties), and every validation step logs both criteria."""
     output = tmp_path / "out"
-    train.main(tiny_args(cohort, tmp_path, output, "--select_on", "nll", "--eval_every", "2", "--save_every", "0"))
+    chosen = [] if select_on is None else ["--select_on", select_on]
+    train.main(tiny_args(cohort, tmp_path, output, *chosen, "--eval_every", "2", "--save_every", "0"))
     history = json.loads((output / "training_config.json").read_text())
     state = json.loads(max((output / "checkpoints").glob("checkpoint-*")).joinpath("trainer_state.json").read_text())
     validations = [h for h in state["history"] if "val_nll" in h]
     assert [h["step"] for h in validations] == [2, 4, 6]
     assert all(0 <= h["val_balanced_accuracy"] <= 1 and h["val_nll"] > 0 for h in validations)
-    best = min(validations, key=lambda h: (h["val_nll"], h["step"]))
+    if select_on == "balanced_accuracy":
+        best = min(validations, key=lambda h: (-h["val_balanced_accuracy"], h["step"]))
+    else:
+        best = min(validations, key=lambda h: (h["val_nll"], h["step"]))
     assert history["best_step"] == best["step"]
 
 
