@@ -153,6 +153,9 @@ Held-out cohorts (never trained on, used for the zero-shot table): {holdout}.
 Splits are by subject. The built-in default is a *synthetic* cohort made by warping the MNI152 template
 (`synthetic_cohort.py`), so the figures below say nothing about real patients.
 
+## Training
+{training}
+
 ## Preprocessing contract
 `MedBlipProcessor` (saved beside the weights) reads NIfTI/MGZ/DICOM or arrays with an affine (or spacing and
 orientation), runs the `{preprocessing}` preprocessing (`t1-linear`: bias-field correction, brain extraction,
@@ -198,6 +201,16 @@ another anatomy (Colin27 with skull) and other scanner models; real scanners and
 """
 
 
+def _training_line(snapshot: dict) -> str:
+    """Steps, batch, seed and which step's weights these are (the selection criterion, or the last step)."""
+    train = snapshot["train"]
+    line = f"{train['max_steps']} optimizer steps of {train['batch_size']} volumes per process, seed {train['seed']}; "
+    if snapshot.get("best_step") is not None:
+        return line + (f"these are the weights of step {snapshot['best_step']}, the best validation "
+                       f"`{train['select_on']}` of the validations every {train['eval_every']} steps.")
+    return line + "these are the weights of the last step."
+
+
 def write_model_card(folder: Path, results_by_split: dict, baselines: dict, snapshot: dict, split: str) -> None:
     """README.md of the Hub folder: intended use, data, preprocessing contract, results of `split` beside the
     baselines, the other splits (held-out sites, external cohort, test) in short, and the targets."""
@@ -210,7 +223,8 @@ def write_model_card(folder: Path, results_by_split: dict, baselines: dict, snap
         card_yaml=card_data.to_yaml(), preset=snapshot["model"]["preset"],
         num_query_tokens=snapshot["num_query_tokens"],
         sources="; ".join(f"`{SourceReport(**source).describe()}`" for source in snapshot["data_sources"]),
-        holdout=snapshot["data"]["holdout_datasets"], preprocessing=snapshot["model"].get("preprocessing", "none"),
+        holdout=snapshot["data"]["holdout_datasets"], training=_training_line(snapshot),
+        preprocessing=snapshot["model"].get("preprocessing", "none"),
         target_spacing=snapshot["model"]["target_spacing"], volume_size=snapshot["volume_size"],
         patch_size=snapshot["patch_size"], record_fields=snapshot["model"]["record_fields"], split=split,
         n=results["likelihood"]["image_text"]["all"]["n"], results_table=_results_table(results),

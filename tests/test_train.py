@@ -73,6 +73,9 @@ def test_training_run_writes_hub_folder_plots_and_card(trained, cohort):
     assert f"held-out image + text minus text only {image_text - text_only:+.3f} (target >= +0.03: {verdict})" in card
     assert "### test split" in card
     assert set(results) == {"zeroshot", "test"}
+    best_step = json.loads((output / "training_config.json").read_text())["best_step"]
+    assert (f"6 optimizer steps of 4 volumes per process, seed 0; these are the weights of step {best_step}, the "
+            "best validation `nll` of the validations every 3 steps.") in card
 
 
 def test_eval_results_schema(trained):
