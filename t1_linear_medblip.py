@@ -225,6 +225,39 @@ def resample(data: np.ndarray, affine: np.ndarray, shape: Sequence[int], out_aff
     return output.astype(np.float32, copy=False)
 
 
+def reorient(data: np.ndarray, affine: np.ndarray, axcodes: Sequence[str] = "RAS") -> tuple[np.ndarray, np.ndarray]:
+    """The same scan stored in `axcodes` voxel order: the array permuted/flipped (no interpolation), its affine."""
+    transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
+                                                nib.orientations.axcodes2ornt(tuple(axcodes)))
+    out = np.ascontiguousarray(nib.orientations.apply_orientation(data, transform))
+    return out, affine @ nib.orientations.inv_ornt_aff(transform, np.shape(data))
+
+
+def head_pose(degrees: Sequence[float], shift_mm: Sequence[float],
+              centre_mm: Sequence[float] = (0.0, -18.0, 8.0)) -> np.ndarray:
+    """World transform (4x4, mm) of a moved head: rotation by `degrees` about x, y, z through `centre_mm`, then a
+    shift. With `scan_in_pose`, the known pose that registration checks (tests, benchmarks) must recover."""
+    from scipy.spatial.transform import Rotation
+
+    pose = np.eye(4)
+    pose[:3, :3] = Rotation.from_euler("xyz", degrees, degrees=True).as_matrix()
+    pose[:3, 3] = np.asarray(centre_mm) - pose[:3, :3] @ np.asarray(centre_mm) + np.asarray(shift_mm)
+    return pose
+
+
+def scan_in_pose(data: np.ndarray, affine: np.ndarray, pose: np.ndarray,
+                 margin_mm: float = 15.0) -> tuple[np.ndarray, np.ndarray]:
+    """The anatomy moved by `pose`, as a scanner would store it: resampled on an axis-aligned grid around it."""
+    spacing = float(np.linalg.norm(affine[:3, :3], axis=0).mean())
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in data.shape], indexing="ij")).reshape(3, -1)
+    world = pose[:3, :3] @ (affine[:3, :3] @ corners + affine[:3, 3:4]) + pose[:3, 3:4]
+    low, high = world.min(1) - margin_mm, world.max(1) + margin_mm
+    shape = tuple(int(np.ceil((h - lo) / spacing)) + 1 for lo, h in zip(low, high))
+    grid = np.diag([spacing] * 3 + [1.0])
+    grid[:3, 3] = low
+    return resample(data, affine, shape, grid, out_to_in=np.linalg.inv(pose)), grid
+
+
 def _centre_of_mass_mm(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
     centre = np.asarray(ndimage.center_of_mass(np.clip(data, 0, None)))
     return affine[:3, :3] @ centre + affine[:3, 3]
@@ -957,12 +990,6 @@ def t1_linear(data: Any, affine: Any, config: T1LinearConfig | str = "full",
 # ---------------------------------------------------------------------------- slice views
 
 
-def _canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Data permuted/flipped to the closest RAS voxel order (no interpolation), and its affine."""
-    transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
-                                                nib.orientations.axcodes2ornt("RAS"))
-    data = nib.orientations.apply_orientation(data, transform)
-    return data, affine @ nib.orientations.inv_ornt_aff(transform, np.asarray(data).shape)
 
 
 def plot_t1_linear_steps(intermediates: Sequence[Intermediate], path: str | None = None, title: str | None = None,
@@ -982,12 +1009,12 @@ def plot_t1_linear_steps(intermediates: Sequence[Intermediate], path: str | None
     figure = Figure(figsize=(9, height), dpi=72)
     axes = figure.subplots(len(intermediates), 3, squeeze=False)
     for row, (name, data, affine, mask) in enumerate(intermediates):
-        canon, canon_affine = _canonical(np.asarray(data, dtype=np.float32), affine)
+        canon, canon_affine = reorient(np.asarray(data, dtype=np.float32), affine)
         on_template = name in ("affine to MNI152", "crop to brain box")
         if on_template:
             outline, colour = template.on_grid(canon.shape, canon_affine)[1].astype(np.float32), "red"
         else:
-            outline = None if mask is None else _canonical(np.asarray(mask, dtype=np.float32), affine)[0]
+            outline = None if mask is None else reorient(np.asarray(mask, dtype=np.float32), affine)[0]
             colour = "cyan"
         centre = np.linalg.inv(canon_affine) @ np.r_[_centre_of_mass_mm(canon, canon_affine), 1.0]
         centre = np.clip(np.round(centre[:3]).astype(int), 0, np.asarray(canon.shape) - 1)

@@ -19,7 +19,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
-from scipy.spatial.transform import Rotation
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -36,22 +35,9 @@ POSE_SHIFT_MM = (20.0, -15.0, 10.0)  # 27 mm
 
 def posed(data, affine, degrees=POSE_DEGREES, shift=POSE_SHIFT_MM, axcodes="PIR"):
     """The head rotated about the brain centre and shifted, resampled on an axis-aligned grid, stored `axcodes`."""
-    pose = np.eye(4)
-    pose[:3, :3] = Rotation.from_euler("xyz", degrees, degrees=True).as_matrix()
-    centre = np.array([0.0, -18.0, 8.0])
-    pose[:3, 3] = centre - pose[:3, :3] @ centre + np.asarray(shift)
-    spacing = float(np.linalg.norm(affine[:3, :3], axis=0).mean())
-    corners = np.array(np.meshgrid(*[[0, n - 1] for n in data.shape], indexing="ij")).reshape(3, -1)
-    world = pose[:3, :3] @ (affine[:3, :3] @ corners + affine[:3, 3:4]) + pose[:3, 3:4]
-    low, high = world.min(1) - 15, world.max(1) + 15
-    shape = tuple(int(np.ceil((h - lo) / spacing)) + 1 for lo, h in zip(low, high))
-    grid = np.diag([spacing] * 3 + [1.0])
-    grid[:3, 3] = low
-    moved = t1l.resample(data, affine, shape, grid, out_to_in=np.linalg.inv(pose))
-    transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(grid),
-                                                nib.orientations.axcodes2ornt(axcodes))
-    stored = np.ascontiguousarray(nib.orientations.apply_orientation(moved, transform))
-    return stored, grid @ nib.orientations.inv_ornt_aff(transform, moved.shape), pose
+    pose = t1l.head_pose(degrees, shift)
+    moved, grid = t1l.scan_in_pose(data, affine, pose)
+    return (*t1l.reorient(moved, grid, axcodes), pose)
 
 
 def cpu(function, *args, **kwargs):

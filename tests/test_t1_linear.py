@@ -9,7 +9,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
-from scipy.spatial.transform import Rotation
 
 import t1_linear_medblip as t1l
 
@@ -19,34 +18,6 @@ COLIN_BET = Path("/usr/share/mricron/templates/ch2bet.nii.gz")
 needs_colin = pytest.mark.skipif(not COLIN.exists(), reason="Colin27 needs the Debian package mricron-data")
 ANGLES_DEG = (9.0, -8.0, 7.0)  # 14.2 degrees about one axis
 SHIFT_MM = (20.0, -15.0, 10.0)
-
-
-def head_pose(degrees=ANGLES_DEG, shift=SHIFT_MM, centre=(0.0, -18.0, 8.0)):
-    """World transform moving the head: rotation about the brain centre, then a shift (mm)."""
-    pose = np.eye(4)
-    pose[:3, :3] = Rotation.from_euler("xyz", degrees, degrees=True).as_matrix()
-    pose[:3, 3] = np.asarray(centre) - pose[:3, :3] @ np.asarray(centre) + np.asarray(shift)
-    return pose
-
-
-def scan_in_pose(data, affine, pose, margin_mm=15.0):
-    """The anatomy moved by `pose`, as a scanner would store it: resampled on an axis-aligned grid around it."""
-    spacing = float(np.linalg.norm(affine[:3, :3], axis=0).mean())
-    corners = np.array(np.meshgrid(*[[0, n - 1] for n in data.shape], indexing="ij")).reshape(3, -1)
-    world = pose[:3, :3] @ (affine[:3, :3] @ corners + affine[:3, 3:4]) + pose[:3, 3:4]
-    low, high = world.min(1) - margin_mm, world.max(1) + margin_mm
-    shape = tuple(int(np.ceil((h - lo) / spacing)) + 1 for lo, h in zip(low, high))
-    grid = np.diag([spacing] * 3 + [1.0])
-    grid[:3, 3] = low
-    return t1l.resample(data, affine, shape, grid, out_to_in=np.linalg.inv(pose)), grid
-
-
-def reorient(data, affine, axcodes):
-    """Same scan stored in another voxel order (exact: a permutation/flip of the array and the affine)."""
-    transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
-                                                nib.orientations.axcodes2ornt(axcodes))
-    out = np.ascontiguousarray(nib.orientations.apply_orientation(data, transform))
-    return out, affine @ nib.orientations.inv_ornt_aff(transform, data.shape)
 
 
 def template_brain_points(step=5):
@@ -107,10 +78,11 @@ def test_same_template_position_whatever_orientation_and_head_pose(colin_3mm, fa
     (2 mm; measured max 0.81 mm, mean 0.35 mm), the output centroids agree within one voxel (measured 0.15) and
     the outputs correlate > 0.97 (measured 0.999)."""
     head, _, affine = colin_3mm
-    pose = head_pose()
-    moved, moved_affine = scan_in_pose(head, affine, pose)
-    cases = {"LAS": (*reorient(head, affine, "LAS"), np.eye(4)), "LPS": (*reorient(head, affine, "LPS"), np.eye(4)),
-             "posed PIR": (*reorient(moved, moved_affine, "PIR"), pose)}
+    pose = t1l.head_pose(ANGLES_DEG, SHIFT_MM)
+    moved, moved_affine = t1l.scan_in_pose(head, affine, pose)
+    cases = {"LAS": (*t1l.reorient(head, affine, "LAS"), np.eye(4)),
+             "LPS": (*t1l.reorient(head, affine, "LPS"), np.eye(4)),
+             "posed PIR": (*t1l.reorient(moved, moved_affine, "PIR"), pose)}
     voxel = fast_pipeline.config.output_spacing_mm
     reference, _, info = fast_pipeline(head, affine)
     points = template_brain_points()
@@ -380,7 +352,7 @@ def test_processor_runs_t1_linear_and_saves_the_setting(tmp_path, colin_3mm):
     from image_processing_medblip import MedBlipImageProcessor
 
     head, _, affine = colin_3mm
-    las, las_affine = reorient(head, affine, ("L", "A", "S"))
+    las, las_affine = t1l.reorient(head, affine, ("L", "A", "S"))
     path = tmp_path / "colin_las.nii.gz"
     nib.save(nib.Nifti1Image(las, las_affine), str(path))
     template = t1l.Template.mni152()
@@ -403,3 +375,21 @@ def test_processor_runs_t1_linear_and_saves_the_setting(tmp_path, colin_3mm):
     assert processed > 0.85 and processed > raw + 0.1, (raw, processed)
     with pytest.raises(ValueError, match="preprocessing must be one of"):
         MedBlipImageProcessor(preprocessing="t1-nonlinear")
+
+
+def test_reorient_and_scan_in_pose_keep_world_positions():
+    # the helpers that the registration tests and benchmarks build their known poses from
+    data = np.arange(6 * 7 * 8, dtype=np.float32).reshape(6, 7, 8)
+    affine = np.array([[0.0, 0.0, 4.0, -10.0], [-2.0, 0.0, 0.0, 20.0], [0.0, 3.0, 0.0, -30.0], [0.0, 0.0, 0.0, 1.0]])
+    stored, stored_affine = t1l.reorient(data, affine, "PIL")
+    assert nib.aff2axcodes(stored_affine) == ("P", "I", "L")
+    assert nib.aff2axcodes(t1l.reorient(data, affine)[1]) == ("R", "A", "S")
+    back, back_affine = t1l.reorient(stored, stored_affine, nib.aff2axcodes(affine))
+    assert np.array_equal(back, data) and np.allclose(back_affine, affine)
+    pose = t1l.head_pose((0.0, 0.0, 90.0), (5.0, 0.0, 0.0), centre_mm=(0.0, 0.0, 0.0))
+    assert np.allclose(pose[:3, :3] @ [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]) and np.allclose(pose[:3, 3], [5, 0, 0])
+    cube = np.zeros((20, 20, 20), np.float32)
+    cube[8:12, 4:8, 8:12] = 1.0  # centre at voxel (9.5, 5.5, 9.5) = world (9.5, 5.5, 9.5) mm
+    moved, grid = t1l.scan_in_pose(cube, np.eye(4), pose, margin_mm=2.0)
+    centre = grid[:3, :3] @ np.asarray(ndimage.center_of_mass(moved)) + grid[:3, 3]
+    assert np.allclose(centre, pose[:3, :3] @ [9.5, 5.5, 9.5] + pose[:3, 3], atol=0.05)
