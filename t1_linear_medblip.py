@@ -631,10 +631,8 @@ class AffineToTemplate:
             matrix = self._rotation_search(sitk, fixed_image, moving_image, mask_image, matrix, translation, centre)
         metric = float("nan")
         for stage in self.stages:
-            transform = sitk.VersorRigid3DTransform() if stage == "rigid" else sitk.AffineTransform(3)
-            transform.SetCenter(centre.tolist())
-            transform.SetMatrix((_closest_rotation(matrix) if stage == "rigid" else matrix).ravel().tolist())
-            transform.SetTranslation(translation.tolist())
+            transform = _placed(sitk.VersorRigid3DTransform() if stage == "rigid" else sitk.AffineTransform(3),
+                                centre, _closest_rotation(matrix) if stage == "rigid" else matrix, translation)
             method = self._sitk_method(sitk, mask_image, self.shrink_factors)
             method.SetOptimizerAsRegularStepGradientDescent(
                 learningRate=1.0, minStep=1e-3, numberOfIterations=self.iterations, relaxationFactor=0.5,
@@ -651,10 +649,7 @@ class AffineToTemplate:
                          translation: np.ndarray, centre: np.ndarray) -> np.ndarray:
         """The best of 27 start rotations (0 and +-`rotation_search_deg` about each axis) by the metric on the
         coarsest level: the gradient stages then start within their capture range."""
-        transform = sitk.Euler3DTransform()
-        transform.SetCenter(centre.tolist())
-        transform.SetMatrix(_closest_rotation(matrix).ravel().tolist())
-        transform.SetTranslation(translation.tolist())
+        transform = _placed(sitk.Euler3DTransform(), centre, _closest_rotation(matrix), translation)
         method = self._sitk_method(sitk, mask_image, self.shrink_factors[:1])
         method.SetOptimizerAsExhaustive([1, 1, 1, 0, 0, 0], stepLength=math.radians(self.rotation_search_deg))
         method.SetOptimizerScales([1.0] * 6)
@@ -694,6 +689,14 @@ class AffineToTemplate:
         parameters = np.asarray(transform.parameters, dtype=np.float64)
         centre = np.asarray(transform.fixed_parameters, dtype=np.float64)
         return _itk_to_ras(parameters[:9].reshape(3, 3), parameters[9:12], centre), metric
+
+
+def _placed(transform: Any, centre: np.ndarray, matrix: np.ndarray, translation: np.ndarray) -> Any:
+    """A SimpleITK transform set to `y = matrix (x - centre) + translation + centre` (LPS mm)."""
+    transform.SetCenter(centre.tolist())
+    transform.SetMatrix(matrix.ravel().tolist())
+    transform.SetTranslation(translation.tolist())
+    return transform
 
 
 def _closest_rotation(matrix: np.ndarray) -> np.ndarray:
